@@ -1,0 +1,253 @@
+"""The detector: one forward pass for a batch of frames from any cameras.
+
+Weights load through Ultralytics' ``AutoBackend``, so ``.pt`` and exported
+formats (ONNX, OpenVINO, TensorRT) work the same. Everything around the
+network happens in torch on the model's device instead of per image in numpy:
+
+* uint8 frames go to the device as they are, then are flipped to RGB,
+  resized and padded (letterbox) there; fp16 on CUDA;
+* frames of one shape get Ultralytics' minimal rectangle (e.g. 256x320 for
+  4:3 at imgsz 320), mixed shapes share the largest rectangle of the batch;
+* NMS runs batched on the device (Ultralytics' ``non_max_suppression``);
+  only the kept boxes come back to the CPU, mapped to frame pixels.
+
+Output is one ``sv.Detections`` per frame, built only here, with the class
+name (after ``model.labels``) in ``data["class_name"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import supervision as sv
+import torch
+import torch.nn.functional as F
+
+from monitor.errors import DetectorError
+from monitor.settings import ModelSettings
+
+logger = logging.getLogger(__name__)
+
+PAD_VALUE = 114  # Ultralytics' letterbox grey
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a frame sits in the network input.
+
+    Attributes:
+        scale: Input pixels per frame pixel.
+        left: Padding columns before the image.
+        top: Padding rows before the image.
+        width: Scaled image width.
+        height: Scaled image height.
+        input_width: Width of the padded input this frame alone would need.
+        input_height: Height of the padded input this frame alone would need.
+    """
+
+    scale: float
+    left: int
+    top: int
+    width: int
+    height: int
+    input_width: int
+    input_height: int
+
+
+def place(height: int, width: int, imgsz: int, stride: int, rect: bool) -> Placement:
+    """Ultralytics' letterbox geometry for one frame (``LetterBox(auto=rect)``)."""
+    scale = min(imgsz / height, imgsz / width)
+    new_w, new_h = max(round(width * scale), 1), max(round(height * scale), 1)
+    dw, dh = imgsz - new_w, imgsz - new_h
+    if rect:
+        dw, dh = dw % stride, dh % stride
+    half_w, half_h = dw / 2, dh / 2
+    left, right = round(half_w - 0.1), round(half_w + 0.1)
+    top, bottom = round(half_h - 0.1), round(half_h + 0.1)
+    return Placement(scale, left, top, new_w, new_h, new_w + left + right, new_h + top + bottom)
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a weights file, or of the sorted files of an export directory."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with file.open("rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DetectorError(f"model.device is {name!r} but CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DetectorError(
+            f"model.device is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
+
+
+class Detector:
+    """Batched YOLO detection on one device.
+
+    Args:
+        settings: The ``model`` section.
+
+    Raises:
+        DetectorError: The weights are missing, unreadable or not a detection model.
+    """
+
+    def __init__(self, settings: ModelSettings) -> None:
+        from ultralytics.nn.autobackend import AutoBackend  # heavy import, only here
+
+        self.settings = settings
+        path = settings.path
+        if not path.exists():
+            raise DetectorError(f"model.path {str(path)!r} does not exist")
+        self.sha256 = sha256_of(path)
+        self.device = resolve_device(settings.device)
+        self.half = self.device.type == "cuda"
+        self.dtype = torch.float16 if self.half else torch.float32
+        try:
+            self.backend = AutoBackend(
+                str(path), device=self.device, fp16=self.half, fuse=True, verbose=False
+            )
+        except Exception as exc:  # Ultralytics raises many kinds; all mean "unusable file"
+            raise DetectorError(
+                f"model.path {str(path)!r} could not be loaded as a YOLO model: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.backend.eval()
+        task = getattr(self.backend, "task", None) or "detect"
+        if task != "detect":
+            raise DetectorError(f"model.path {str(path)!r} is a {task!r} model; a 'detect' model is needed")
+        stride = self.backend.stride
+        self.stride = int(max(stride) if isinstance(stride, (list, tuple)) else stride)
+        self.model_names: dict[int, str] = dict(self.backend.names)
+        self.names: dict[int, str] = {i: settings.labels.get(n, n) for i, n in self.model_names.items()}
+        metadata = getattr(self.backend, "metadata", None) or {}
+        self.rect = self.backend.format == "pt" or bool(metadata.get("dynamic"))
+        if not self.rect:
+            exported = metadata.get("imgsz")
+            if exported and list(exported) != [settings.imgsz, settings.imgsz]:
+                raise DetectorError(
+                    f"model.path {str(path)!r} was exported for imgsz {list(exported)}; "
+                    f"set model.imgsz to {exported[0]} or export again with imgsz={settings.imgsz}"
+                )
+        self.label = f"{path.name}@{self.sha256[:12]}"
+        logger.info(
+            "model %s loaded on %s (%s, sha256 %s, classes %s)",
+            path,
+            self.device,
+            "fp16" if self.half else "fp32",
+            self.sha256,
+            sorted(set(self.names.values())),
+        )
+
+    def warmup(self, height: int = 576, width: int = 768) -> float:
+        """Run one frame through every step so the first real batch is not slow.
+
+        Returns:
+            Seconds the warm-up took.
+        """
+        start = time.perf_counter()
+        self.detect([np.full((height, width, 3), PAD_VALUE, np.uint8)])
+        return time.perf_counter() - start
+
+    def detect(
+        self, images: list[np.ndarray], timings: dict[str, float] | None = None
+    ) -> list[sv.Detections]:
+        """Detect objects in frames of any sizes, in one forward pass.
+
+        Args:
+            images: HxWx3 uint8 BGR frames.
+            timings: If given, receives seconds per stage (preprocess, inference, postprocess).
+
+        Returns:
+            One ``sv.Detections`` per frame: xyxy in frame pixels, confidence,
+            class_id, and ``data["class_name"]`` after ``model.labels``.
+        """
+        if not images:
+            return []
+        clock = time.perf_counter
+        t0 = clock()
+        with torch.inference_mode():
+            batch, placements = self._preprocess(images)
+            if timings is not None:
+                self._sync()
+                t1 = clock()
+                timings["preprocess"] = t1 - t0
+            raw = self.backend(batch)
+            if timings is not None:
+                self._sync()
+                t2 = clock()
+                timings["inference"] = t2 - t1
+            results = self._postprocess(raw, placements, images)
+        if timings is not None:
+            timings["postprocess"] = clock() - t2
+        return results
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[Placement]]:
+        imgsz = self.settings.imgsz
+        placements = [place(im.shape[0], im.shape[1], imgsz, self.stride, self.rect) for im in images]
+        height = max(p.input_height for p in placements)
+        width = max(p.input_width for p in placements)
+        batch = torch.full(
+            (len(images), 3, height, width), PAD_VALUE / 255, dtype=self.dtype, device=self.device
+        )
+        for i, (image, p) in enumerate(zip(images, placements, strict=True)):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise DetectorError(
+                    f"expected an HxWx3 uint8 BGR image, got shape {image.shape} {image.dtype}"
+                )
+            tensor = torch.from_numpy(image).to(self.device, non_blocking=True)
+            tensor = tensor.permute(2, 0, 1).flip(0).unsqueeze(0).to(self.dtype)  # 1x3xHxW RGB
+            if (p.height, p.width) != image.shape[:2]:
+                tensor = F.interpolate(tensor, size=(p.height, p.width), mode="bilinear", align_corners=False)
+                tensor = tensor.round_().clamp_(0, 255)  # what cv2's uint8 resize hands Ultralytics
+            batch[i, :, p.top : p.top + p.height, p.left : p.left + p.width] = tensor[0] / 255
+        return batch, placements
+
+    def _postprocess(
+        self, raw: Any, placements: list[Placement], images: list[np.ndarray]
+    ) -> list[sv.Detections]:
+        from ultralytics.utils.nms import non_max_suppression
+
+        kept = non_max_suppression(
+            raw,
+            self.settings.conf,
+            self.settings.iou,
+            max_det=self.settings.max_det,
+            end2end=bool(getattr(self.backend, "end2end", False)),
+        )
+        results = []
+        for boxes, p, image in zip(kept, placements, images, strict=True):
+            array = boxes.float().cpu().numpy()
+            xyxy = array[:, :4].copy()
+            xyxy[:, [0, 2]] = ((xyxy[:, [0, 2]] - p.left) / p.scale).clip(0, image.shape[1])
+            xyxy[:, [1, 3]] = ((xyxy[:, [1, 3]] - p.top) / p.scale).clip(0, image.shape[0])
+            class_id = array[:, 5].astype(int)
+            results.append(
+                sv.Detections(
+                    xyxy=xyxy.astype(np.float32),
+                    confidence=array[:, 4].astype(np.float32),
+                    class_id=class_id,
+                    data={"class_name": np.array([self.names[c] for c in class_id], dtype=object)},
+                )
+            )
+        return results

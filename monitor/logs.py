@@ -1,0 +1,85 @@
+"""Logging for journald and terminals, with credentials scrubbed from every line.
+
+Every record goes through ``redact`` after formatting, so a URL with
+``user:pass@`` or a ``?password=`` query that slips into a message, an
+argument or a traceback never reaches the log. Records carry the camera name
+(``extra={"camera": name}``) where one applies; cameras are never identified
+by URL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+from monitor.settings import LogSettings
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]+@")
+_QUERY_SECRET = re.compile(
+    r"(?i)([?&;](?:user(?:name)?|pass(?:word|wd)?|pwd|token|access_token|auth|key|api_?key|secret|sig(?:nature)?)=)[^&;\s\"']+"
+)
+
+
+def redact(text: str) -> str:
+    """Remove credentials from ``text``: URL user info and secret query parameters.
+
+    >>> redact("rtsp://admin:hunter2@10.0.0.5/stream?token=abc&ch=1")
+    'rtsp://***@10.0.0.5/stream?token=***&ch=1'
+    """
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+class _RedactingFormatter(logging.Formatter):
+    def __init__(self, fmt: str, journald: bool) -> None:
+        super().__init__(fmt)
+        self._journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        camera = getattr(record, "camera", None)
+        record.camera_kv = f" camera={camera}" if camera else ""
+        return redact(super().format(record))
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        camera = getattr(record, "camera", None)
+        if camera:
+            entry["camera"] = camera
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return redact(json.dumps(entry, ensure_ascii=False))
+
+
+def configure_logging(settings: LogSettings, journald: bool = False) -> None:
+    """Send the package's logs to stderr.
+
+    Args:
+        settings: Level and format.
+        journald: True under systemd (``$JOURNAL_STREAM`` set): journald stamps
+            each line itself, so the text format leaves the time out.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        stamp = "" if journald else "%(asctime)s "
+        handler.setFormatter(
+            _RedactingFormatter(f"{stamp}%(levelname)s %(name)s%(camera_kv)s: %(message)s", journald)
+        )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("monitor").setLevel(settings.level)

@@ -1,0 +1,104 @@
+"""Prometheus metrics: prefix ``monitor_``, base units, counters end in ``_total``.
+
+The only label with per-deployment values is ``camera`` (bounded by the
+configuration); URLs and track ids are never labels. Each daemon owns one
+``Metrics`` with its own registry, so tests can run several side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from monitor import __version__
+
+STAGES = ("preprocess", "inference", "postprocess", "tracking", "alerts", "publish")
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every metric the daemon exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        Info("monitor_build", "Version of the daemon.", registry=r).info({"version": __version__})
+        self.alert_latency = Histogram(
+            "monitor_alert_latency_seconds",
+            "Frame capture (leaving the decoder) to the broker's PUBACK of its event.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.detect_latency = Histogram(
+            "monitor_detect_latency_seconds",
+            "Frame capture to detections ready (queueing, preprocess, inference, NMS).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "monitor_stage_duration_seconds",
+            "Time spent per pipeline stage, per batch (tracking, alerts: per frame).",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "monitor_batch_size", "Frames per forward pass.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.frames = Counter(
+            "monitor_camera_frames", "Frames delivered by the decoder.", ["camera"], registry=r
+        )
+        self.frames_processed = Counter(
+            "monitor_camera_frames_processed", "Frames run through the detector.", ["camera"], registry=r
+        )
+        self.frames_dropped = Counter(
+            "monitor_camera_frames_dropped",
+            "Frames replaced by a newer one before the detector took them.",
+            ["camera"],
+            registry=r,
+        )
+        self.events = Counter("monitor_events", "Events emitted.", ["camera", "label", "type"], registry=r)
+        self.camera_up = Gauge(
+            "monitor_camera_up", "1 while the camera delivers frames.", ["camera"], registry=r
+        )
+        self.camera_reconnects = Counter(
+            "monitor_camera_reconnects", "Decoder restarts.", ["camera"], registry=r
+        )
+        self.camera_frame_age = Gauge(
+            "monitor_camera_last_frame_age_seconds",
+            "Seconds since the camera's last frame.",
+            ["camera"],
+            registry=r,
+        )
+        self.mqtt_connected = Gauge("monitor_mqtt_connected", "1 while connected to the broker.", registry=r)
+        self.spool_pending = Gauge(
+            "monitor_spool_pending", "Messages stored on disk and not yet acknowledged.", registry=r
+        )
+        self.ready = Gauge("monitor_ready", "1 once the model is loaded and warmed up.", registry=r)
+        self.loop_iterations = Counter(
+            "monitor_loop_iterations", "Iterations of the pipeline loop.", registry=r
+        )
+        for stage in STAGES:
+            self.stage_duration.labels(stage)
+
+    def add_camera(self, camera: str) -> None:
+        """Create the camera's series at zero so dashboards see it before its first frame."""
+        for family in (self.frames, self.frames_processed, self.frames_dropped, self.camera_reconnects):
+            family.labels(camera)
+        self.camera_up.labels(camera).set(0)
+
+    def remove_camera(self, camera: str) -> None:
+        """Drop a camera's series (after it was removed from the configuration)."""
+        for family in (
+            self.frames,
+            self.frames_processed,
+            self.frames_dropped,
+            self.camera_reconnects,
+            self.camera_up,
+            self.camera_frame_age,
+        ):
+            with contextlib.suppress(KeyError):  # never had a sample
+                family.remove(camera)

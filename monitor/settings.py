@@ -1,0 +1,359 @@
+"""Configuration: one ``Settings`` built once in ``cli.py`` and passed down.
+
+Sources, highest priority first:
+
+1. environment variables ``MONITOR_<SECTION>__<KEY>`` (``__`` nests),
+2. secret files in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``),
+   named like the variables, e.g. ``monitor_mqtt__password``,
+3. the YAML file given with ``--config``.
+
+Unknown keys are errors everywhere. ``load_settings`` turns pydantic's
+``ValidationError`` into a ``ConfigError`` whose lines name each key path and,
+where it came from the YAML file, its line.
+"""
+
+from __future__ import annotations
+
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from monitor.errors import ConfigError
+
+CAMERA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Section):
+    """The detection model."""
+
+    path: Path = Field(
+        description="Weights: .pt, or an Ultralytics export (.onnx, _openvino_model/, .engine)."
+    )
+    imgsz: int = Field(640, ge=32, le=4096, description="Inference size (long side), multiple of 32.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    conf: float = Field(0.25, ge=0.0, le=1.0, description="Detector confidence floor (before tracking).")
+    iou: float = Field(0.7, gt=0.0, le=1.0, description="NMS IoU threshold.")
+    max_det: int = Field(300, ge=1, description="Most detections kept per frame.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Rename or merge model classes: {model_name: new_name}."
+    )
+
+    @field_validator("imgsz")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"must be a multiple of 32 (the model's stride), got {value}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not DEVICE.match(value):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+
+class DetectSettings(_Section):
+    """How often and how many frames go through the model."""
+
+    fps: float = Field(5.0, gt=0, le=120, description="Default frames per second analysed per camera.")
+    max_batch: int = Field(16, ge=1, le=1024, description="Most frames in one forward pass.")
+
+
+class FilterSettings(_Section):
+    """When a tracked object becomes an alert."""
+
+    min_score: float = Field(0.5, ge=0.0, le=1.0, description="Detections below this are ignored.")
+    threshold: float = Field(
+        0.7, ge=0.0, le=1.0, description="Median of the track's recent scores needed to alert."
+    )
+
+
+class TrackerSettings(_Section):
+    """ByteTrack parameters (one tracker per camera)."""
+
+    high_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="Detections at or above this are matched first."
+    )
+    activation_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="Unmatched detections at or above this start a track."
+    )
+    match_iou: float = Field(
+        0.1, ge=0.0, le=1.0, description="Least IoU for a detection to continue a track."
+    )
+    lost_seconds: float = Field(2.0, gt=0, description="How long ByteTrack keeps a lost track.")
+    min_frames: int = Field(2, ge=1, description="Consecutive frames before a track gets an id.")
+
+
+class ObjectsSettings(_Section):
+    """Which labels are tracked and when they alert."""
+
+    track: list[str] = Field(default_factory=lambda: ["person"], description="Labels that alert.")
+    filters: dict[str, FilterSettings] = Field(
+        default_factory=dict, description="Per-label filters; labels not listed use the defaults."
+    )
+    score_history: int = Field(10, ge=1, le=100, description="Scores in the median window.")
+    update_interval: float = Field(
+        5.0, ge=0, description="Least seconds between two `update` events of one track."
+    )
+    max_disappeared: float = Field(
+        2.0, gt=0, description="Seconds a track may be unseen before its `end` event."
+    )
+    tracker: TrackerSettings = Field(default_factory=TrackerSettings)
+
+    def filter_for(self, label: str) -> FilterSettings:
+        """The filter of ``label``, or the defaults."""
+        return self.filters.get(label, _DEFAULT_FILTER)
+
+
+_DEFAULT_FILTER = FilterSettings()
+
+
+class MqttSettings(_Section):
+    """The broker alerts go to."""
+
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    topic_prefix: str = Field("monitor", min_length=1, description="Every topic starts with this.")
+    client_id: str = Field("monitor", min_length=1, max_length=128)
+    username: str | None = None
+    password: SecretStr | None = None
+    keepalive: int = Field(30, ge=5, le=3600, description="Seconds between MQTT pings.")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if any(c in value for c in "#+\0") or value.startswith("/") or value.endswith("/"):
+            raise ValueError(f"must not contain # + or NUL nor start or end with /, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> MqttSettings:
+        if self.password is not None and not self.username:
+            raise ValueError("mqtt.password is set but mqtt.username is not")
+        return self
+
+
+class HttpSettings(_Section):
+    """The HTTP server for /metrics, /healthz, /readyz."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port (tests).")
+
+
+class SpoolSettings(_Section):
+    """The on-disk queue of events not yet acknowledged by the broker."""
+
+    path: Path = Field(
+        Path("monitor-spool.db"), description="SQLite file; relative to the working directory."
+    )
+
+
+class LogSettings(_Section):
+    """Logging."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class CameraDetectSettings(_Section):
+    """Per-camera detection size and rate."""
+
+    fps: float | None = Field(None, gt=0, le=120, description="Defaults to detect.fps.")
+    width: int | None = Field(None, ge=16, le=7680, description="Frames are scaled to this width.")
+    height: int | None = Field(None, ge=16, le=4320, description="Frames are scaled to this height.")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> CameraDetectSettings:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("set both width and height, or neither (keep the native size)")
+        return self
+
+
+class CameraSettings(_Section):
+    """One camera."""
+
+    url: SecretStr = Field(description="rtsp://, rtsps://, http(s):// or a file path (played in a loop).")
+    enabled: bool = True
+    detect: CameraDetectSettings = Field(default_factory=CameraDetectSettings)
+    stall_timeout: float = Field(10.0, gt=0, description="No frame for this long: restart the decoder.")
+    open_timeout: float = Field(10.0, gt=0, description="Most seconds to open the stream.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value().strip()
+        if not url:
+            raise ValueError("must not be empty")
+        if "://" in url and not url.lower().startswith(STREAM_SCHEMES):
+            scheme = url.split("://", 1)[0]
+            raise ValueError(
+                f"unsupported scheme {scheme!r}: expected rtsp, rtsps, http, https or a file path"
+            )
+        return SecretStr(url)
+
+    @property
+    def is_file(self) -> bool:
+        """True when the URL is a local file, which is played in real time and looped."""
+        return "://" not in self.url.get_secret_value()
+
+
+_YAML_DATA: ContextVar[dict[str, Any]] = ContextVar("_YAML_DATA", default={})  # noqa: B039
+_SECRETS_DIR: ContextVar[Path | None] = ContextVar("_SECRETS_DIR", default=None)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """The YAML file's mapping, parsed by ``load_settings`` (lowest priority)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _YAML_DATA.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_YAML_DATA.get())
+
+
+class Settings(BaseSettings):
+    """Everything the daemon is configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MONITOR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        secrets_nested_delimiter="__",
+        secrets_dir_missing="ok",
+    )
+
+    model: ModelSettings
+    detect: DetectSettings = Field(default_factory=DetectSettings)
+    objects: ObjectsSettings = Field(default_factory=ObjectsSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    cameras: dict[str, CameraSettings] = Field(default_factory=dict)
+
+    @field_validator("cameras")
+    @classmethod
+    def _camera_names(cls, value: dict[str, CameraSettings]) -> dict[str, CameraSettings]:
+        for name in value:
+            if not CAMERA_NAME.match(name):
+                raise ValueError(
+                    f"camera name {name!r} must be 1-64 letters, digits, '_' or '-' "
+                    "(it is used in MQTT topics and metric labels)"
+                )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        secrets = NestedSecretsSettingsSource(file_secret_settings, secrets_dir=_SECRETS_DIR.get())
+        return (init_settings, env_settings, secrets, _YamlSource(settings_cls))
+
+    def camera_fps(self, name: str) -> float:
+        """The detect fps of camera ``name``."""
+        return self.cameras[name].detect.fps or self.detect.fps
+
+    def label_of(self, model_label: str) -> str:
+        """The label a model class is reported as, after ``model.labels``."""
+        return self.model.labels.get(model_label, model_label)
+
+
+def load_settings(path: Path, secrets_dir: Path | None = None, **overrides: Any) -> Settings:
+    """Build ``Settings`` from a YAML file, the environment and secret files.
+
+    Args:
+        path: The YAML configuration file.
+        secrets_dir: Where secret files live (systemd's ``$CREDENTIALS_DIRECTORY``).
+        **overrides: Values that win over every source (used by tests and the CLI).
+
+    Raises:
+        ConfigError: With one line per problem, naming its key path.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path} ({where}): not valid YAML: {problem}"]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"])
+    yaml_token = _YAML_DATA.set(data)
+    secrets_token = _SECRETS_DIR.set(secrets_dir)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError([_describe(err, root) for err in exc.errors()]) from exc
+    finally:
+        _YAML_DATA.reset(yaml_token)
+        _SECRETS_DIR.reset(secrets_token)
+
+
+def _describe(err: Any, root: yaml.Node | None) -> str:
+    loc = [str(p) for p in err["loc"]]
+    path = ".".join(loc) or "(top level)"
+    # A missing key points at its parent section; anything else only at itself
+    # (an unknown key from the environment is not on any line of the file).
+    line = _yaml_line(root, loc, partial=err["type"] == "missing")
+    where = f" (line {line})" if line else ""
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif err["type"] == "missing":
+        message = "required key is missing"
+    return f"{path}{where}: {message}"
+
+
+def _yaml_line(node: yaml.Node | None, loc: list[str], partial: bool) -> int | None:
+    """The 1-based line of the key at ``loc``; with ``partial``, of its deepest ancestor in the file."""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == key), None)
+            if pair is None:
+                return line if partial else None
+            line, node = pair[0].start_mark.line + 1, pair[1]
+        elif isinstance(node, yaml.SequenceNode) and key.isdigit() and int(key) < len(node.value):
+            node = node.value[int(key)]
+            line = node.start_mark.line + 1
+        else:
+            return line if partial else None
+    return line

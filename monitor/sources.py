@@ -1,0 +1,445 @@
+"""Camera sources: one decoder child process per camera, newest frame wins.
+
+A Python thread stuck inside a C call (an OpenCV read on a frozen RTSP
+connection) cannot be killed, so every camera is decoded in its own child
+process that the daemon can kill and restart. The child:
+
+* opens the stream with OpenCV's FFmpeg backend (RTSP over TCP, open and
+  read timeouts), plays a local file in real time and loops it;
+* decodes every frame but converts and scales only the ones due at the
+  camera's detect fps (``grab`` for all, ``retrieve`` for those);
+* writes each due frame into one of ``SLOTS`` slots of a shared-memory block
+  the parent owns, then sends a small ``FrameReady`` message on a pipe.
+
+The parent keeps only the newest ``FrameReady`` per camera; frames replaced
+before the detector took them are counted as dropped, never queued. Three
+slots make a copy safe without locks: the child overwrites the slot of frame
+``n`` only after publishing ``n + 2``, which the parent checks after copying.
+A lock would be unsafe here: a child killed while holding it would freeze the
+daemon.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+
+from monitor.logs import redact
+from monitor.metrics import Metrics
+from monitor.settings import CameraSettings
+
+logger = logging.getLogger(__name__)
+
+SLOTS = 3
+#: Frames larger than this (pixels) are scaled down, keeping their aspect.
+MAX_NATIVE = (1920, 1080)
+#: Restart backoff: first delay, cap, and the +/- fraction of jitter.
+BACKOFF_FIRST = 1.0
+BACKOFF_CAP = 60.0
+BACKOFF_JITTER = 0.2
+#: Online this long without trouble resets the backoff.
+HEALTHY_AFTER = 30.0
+#: Seconds a decoder gets to exit after SIGTERM before SIGKILL.
+KILL_GRACE = 1.0
+
+_CTX = mp.get_context("spawn")  # never fork a process that holds CUDA or threads
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame on its way to the detector.
+
+    Attributes:
+        camera: Camera name.
+        seq: Frame number within the current decoder run.
+        capture_time: Wall-clock seconds when the frame left the decoder.
+        image: HxWx3 uint8 BGR, in frame pixels (after the camera's scaling).
+    """
+
+    camera: str
+    seq: int
+    capture_time: float
+    image: np.ndarray
+
+
+class CameraState(str, enum.Enum):
+    """What a camera is doing now."""
+
+    STARTING = "starting"
+    ONLINE = "online"
+    STALLED = "stalled"
+    OFFLINE = "offline"
+    DISABLED = "disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class CameraStatus:
+    """A camera's state, as published on ``<prefix>/<camera>/status``."""
+
+    camera: str
+    state: CameraState
+    since: float
+    reason: str | None
+    reconnects: int
+
+
+# Messages from the decoder child to the parent.
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    width: int
+    height: int
+    fps: float
+
+
+@dataclass(frozen=True, slots=True)
+class _FrameReady:
+    seq: int
+    slot: int
+    capture_time: float
+    height: int
+    width: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    reason: str
+
+
+def frame_bytes(settings: CameraSettings) -> int:
+    """Bytes of one slot: the configured detect size, else the native cap."""
+    width = settings.detect.width or MAX_NATIVE[0]
+    height = settings.detect.height or MAX_NATIVE[1]
+    return width * height * 3
+
+
+class Source:
+    """One camera: its decoder child, its watchdog and its newest frame.
+
+    Not thread-safe: the daemon's loop calls every method.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: CameraSettings,
+        fps: float,
+        metrics: Metrics,
+        on_status: Callable[[CameraStatus], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.fps = fps
+        self._on_status = on_status
+        self._slot_bytes = frame_bytes(settings)
+        self._shm: SharedMemory | None = None
+        self._latest_seq: Any = None
+        self._proc: Any = None
+        self._conn: mpc.Connection | None = None
+        self._ready: _FrameReady | None = None
+        self._taken_seq = -1
+        self._last_frame = 0.0
+        self._started = 0.0
+        self._online_since = 0.0
+        self._restart_at: float | None = None
+        self._backoff = BACKOFF_FIRST
+        self._failure: str | None = None
+        self.state = CameraState.DISABLED if not settings.enabled else CameraState.STARTING
+        self.since = time.time()
+        self.reason: str | None = None
+        self.reconnects = 0
+        metrics.add_camera(name)
+        self._frames = metrics.frames.labels(name)
+        self._dropped = metrics.frames_dropped.labels(name)
+        self._reconnects = metrics.camera_reconnects.labels(name)
+        self._up = metrics.camera_up.labels(name)
+
+    # -- lifecycle ---------------------------------------------------------
+    def __enter__(self) -> Source:
+        if self.settings.enabled:
+            self._shm = SharedMemory(create=True, size=SLOTS * self._slot_bytes)
+            self._latest_seq = _CTX.RawValue("q", -1)
+            self._spawn()
+        self._set_state(self.state, None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the decoder and free the shared memory. Idempotent."""
+        self._stop_child()
+        if self._shm is not None:
+            self._shm.close()
+            self._shm.unlink()
+            self._shm = None
+
+    def _spawn(self) -> None:
+        assert self._shm is not None
+        assert self._latest_seq is not None
+        reader, writer = _CTX.Pipe(duplex=False)
+        self._proc = _CTX.Process(
+            target=_decoder_main,
+            name=f"monitor-decoder-{self.name}",
+            args=(self.settings, self.fps, self._shm.name, self._slot_bytes, self._latest_seq, writer),
+            daemon=True,
+        )
+        self._proc.start()
+        writer.close()  # the child holds the only write end: EOF means it died
+        self._conn = reader
+        self._ready = None
+        self._taken_seq = -1
+        self._failure = None
+        now = time.monotonic()
+        self._started = now
+        self._last_frame = now
+        self._restart_at = None
+
+    def _stop_child(self) -> None:
+        proc, self._proc = self._proc, None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if proc is None:
+            return
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(KILL_GRACE)
+            if proc.is_alive():
+                proc.kill()
+        proc.join()
+        proc.close()
+
+    # -- the loop's calls ----------------------------------------------------
+    @property
+    def connection(self) -> mpc.Connection | None:
+        """The pipe to wait on (``multiprocessing.connection.wait``), if running."""
+        return self._conn
+
+    def drain(self) -> None:
+        """Read every pending message from the decoder."""
+        conn = self._conn
+        while conn is not None and not conn.closed:
+            try:
+                if not conn.poll():
+                    return
+                message = conn.recv()
+            except (EOFError, OSError):
+                self._on_exit()
+                return
+            if isinstance(message, _FrameReady):
+                self._ready = message
+                self._frames.inc()
+                self._last_frame = time.monotonic()
+                if self.state is not CameraState.ONLINE:
+                    self._online_since = self._last_frame
+                    self._set_state(CameraState.ONLINE, None)
+            elif isinstance(message, _Opened):
+                logger.info(
+                    "stream opened: %dx%d at %.1f fps",
+                    message.width,
+                    message.height,
+                    message.fps,
+                    extra={"camera": self.name},
+                )
+            elif isinstance(message, _Failed):
+                self._failure = message.reason
+
+    def has_new_frame(self) -> bool:
+        """True when a frame the detector has not taken is waiting."""
+        return self._ready is not None and self._ready.seq > self._taken_seq
+
+    def waiting_since(self) -> float:
+        """Capture time of the waiting frame (for oldest-first scheduling)."""
+        return self._ready.capture_time if self._ready is not None else float("inf")
+
+    def take(self) -> Frame | None:
+        """Copy the newest frame out of shared memory, or None if there is no new one."""
+        ready = self._ready
+        if ready is None or ready.seq <= self._taken_seq or self._shm is None:
+            return None
+        assert self._latest_seq is not None
+        offset = ready.slot * self._slot_bytes
+        view = np.ndarray((ready.height, ready.width, 3), np.uint8, self._shm.buf, offset)
+        image = view.copy()
+        if self._latest_seq.value > ready.seq + SLOTS - 2:
+            return None  # the child lapped us while we copied; a newer frame is coming
+        if self._taken_seq >= 0:
+            self._dropped.inc(ready.seq - self._taken_seq - 1)
+        self._taken_seq = ready.seq
+        del view
+        return Frame(self.name, ready.seq, ready.capture_time, image)
+
+    def check(self, now: float) -> None:
+        """Watchdog: restart a decoder that died, stalled or never opened."""
+        if not self.settings.enabled:
+            return
+        if self._proc is None:
+            if self._restart_at is not None and now >= self._restart_at:
+                self.reconnects += 1
+                self._reconnects.inc()
+                self._spawn()
+                self._set_state(CameraState.STARTING, self.reason)
+            return
+        if self.state is CameraState.ONLINE and now - self._online_since > HEALTHY_AFTER:
+            self._backoff = BACKOFF_FIRST
+        if not self._proc.is_alive():
+            self._on_exit()
+        elif self.state is CameraState.ONLINE and now - self._last_frame > self.settings.stall_timeout:
+            self._restart(CameraState.STALLED, f"no frame for {self.settings.stall_timeout:g} s")
+        elif (
+            self.state is CameraState.STARTING
+            and now - self._started > self.settings.open_timeout + KILL_GRACE
+        ):
+            self._restart(CameraState.OFFLINE, "timeout")
+
+    def _on_exit(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.join(KILL_GRACE)
+        code = self._proc.exitcode
+        reason = self._failure or f"decoder exited (code {code})"
+        self._restart(CameraState.OFFLINE, reason)
+
+    def _restart(self, state: CameraState, reason: str) -> None:
+        self._stop_child()
+        self._ready = None  # its slot belongs to the next decoder now
+        delay = self._backoff * (1 + random.uniform(-BACKOFF_JITTER, BACKOFF_JITTER))
+        self._backoff = min(self._backoff * 2, BACKOFF_CAP)
+        self._restart_at = time.monotonic() + delay
+        logger.warning(
+            "%s: %s; reconnecting in %.1f s", state.value, reason, delay, extra={"camera": self.name}
+        )
+        self._set_state(state, reason)
+
+    def _set_state(self, state: CameraState, reason: str | None) -> None:
+        self.state, self.reason, self.since = state, reason, time.time()
+        self._up.set(1 if state is CameraState.ONLINE else 0)
+        if self._on_status is not None:
+            self._on_status(self.status())
+
+    def status(self) -> CameraStatus:
+        """The current state."""
+        return CameraStatus(self.name, self.state, self.since, self.reason, self.reconnects)
+
+    def last_frame_age(self, now: float) -> float:
+        """Seconds since the last frame arrived (since start when none has)."""
+        return now - self._last_frame
+
+
+# -- the child process ------------------------------------------------------------
+def _decoder_main(
+    settings: CameraSettings,
+    fps: float,
+    shm_name: str,
+    slot_bytes: int,
+    latest_seq: Any,
+    conn: mpc.Connection,
+) -> None:
+    """Entry point of a decoder child. Exits non-zero with a ``_Failed`` message."""
+    # Keep FFmpeg quiet: its messages can carry the URL with credentials.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;tcp"
+    import cv2  # imported here: the parent's import of this module stays light
+
+    url = settings.url.get_secret_value()
+    shm = SharedMemory(name=shm_name)
+    try:
+        code = _decode_loop(cv2, settings, url, fps, shm, slot_bytes, latest_seq, conn)
+    except Exception as exc:  # report, never print a traceback with the URL
+        conn.send(_Failed(redact(f"decoder error: {exc}")))
+        code = 70
+    finally:
+        shm.close()
+    os._exit(code)
+
+
+def _open(cv2: Any, settings: CameraSettings, url: str) -> Any:
+    params = [
+        cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+        int(settings.open_timeout * 1000),
+        cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+        int(settings.stall_timeout * 1000),
+    ]
+    return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+
+
+def _target_size(settings: CameraSettings, width: int, height: int) -> tuple[int, int]:
+    if settings.detect.width and settings.detect.height:
+        return settings.detect.width, settings.detect.height
+    scale = min(1.0, (MAX_NATIVE[0] * MAX_NATIVE[1] / (width * height)) ** 0.5)
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _decode_loop(
+    cv2: Any,
+    settings: CameraSettings,
+    url: str,
+    fps: float,
+    shm: SharedMemory,
+    slot_bytes: int,
+    latest_seq: Any,
+    conn: mpc.Connection,
+) -> int:
+    if settings.is_file and not os.path.isfile(url):
+        conn.send(_Failed("not found"))
+        return 2
+    cap = _open(cv2, settings, url)
+    if not cap.isOpened():
+        conn.send(_Failed("cannot open stream" if not settings.is_file else "no video stream"))
+        return 2
+    native_fps = cap.get(cv2.CAP_PROP_FPS)
+    native_fps = native_fps if 0 < native_fps < 1000 else 25.0
+    period = 1.0 / fps
+    next_due = 0.0
+    seq = 0
+    played = 0  # frames of the file played in this loop (real-time pacing)
+    play_start = time.monotonic()
+    opened = False
+    while True:
+        if not cap.grab():
+            if settings.is_file and seq > 0:
+                cap.release()
+                cap = _open(cv2, settings, url)
+                played, play_start = 0, time.monotonic()
+                continue
+            conn.send(_Failed("end of stream" if opened else "no video stream"))
+            return 3
+        if settings.is_file:
+            played += 1
+            delay = play_start + played / native_fps - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        now = time.monotonic()
+        if opened and now < next_due - 0.25 * period:
+            continue  # decoded (keeps the H.264 state) but not converted
+        ok, image = cap.retrieve()
+        if not ok or image is None or image.ndim != 3:
+            conn.send(_Failed("undecodable frame"))
+            return 4
+        height, width = image.shape[:2]
+        if not opened:
+            conn.send(_Opened(width, height, native_fps))
+            opened = True
+        out_w, out_h = _target_size(settings, width, height)
+        if (out_w, out_h) != (width, height):
+            image = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA)
+        slot = seq % SLOTS
+        dest = np.ndarray((out_h, out_w, 3), np.uint8, shm.buf, slot * slot_bytes)
+        np.copyto(dest, image)
+        del dest
+        capture_time = time.time()
+        latest_seq.value = seq
+        conn.send(_FrameReady(seq, slot, capture_time, out_h, out_w))
+        seq += 1
+        next_due = max(next_due + period, now)

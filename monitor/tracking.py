@@ -1,0 +1,59 @@
+"""Tracking: one ByteTrack per camera, fed with the camera's capture times.
+
+ByteTrack left ``supervision`` in 0.27; Roboflow maintains it in the
+``trackers`` package (``ByteTrackTracker``), which takes and returns
+``sv.Detections`` and accepts real timestamps, so a camera analysed at an
+uneven rate still predicts motion correctly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import supervision as sv
+from trackers import ByteTrackTracker
+
+from monitor.settings import TrackerSettings
+
+
+class CameraTracker:
+    """ByteTrack for one camera's detections.
+
+    Args:
+        settings: The ``objects.tracker`` section.
+        fps: The camera's detect fps (ByteTrack's reference frame rate).
+        labels: Only detections with these class names are tracked.
+    """
+
+    def __init__(self, settings: TrackerSettings, fps: float, labels: list[str]) -> None:
+        self._labels = np.array(sorted(set(labels)), dtype=object)
+        self._tracker = ByteTrackTracker(
+            lost_track_buffer=max(1, round(settings.lost_seconds * 30)),  # counted in 30 fps frames
+            frame_rate=fps,
+            track_activation_threshold=settings.activation_threshold,
+            minimum_consecutive_frames=settings.min_frames,
+            minimum_iou_threshold=settings.match_iou,
+            high_conf_det_threshold=settings.high_threshold,
+        )
+
+    def update(self, detections: sv.Detections, timestamp: float) -> sv.Detections:
+        """Track one frame's detections.
+
+        Args:
+            detections: The detector's output for the frame.
+            timestamp: The frame's capture time, strictly increasing per camera.
+
+        Returns:
+            The tracked detections (``tracker_id`` >= 0) of the tracked labels.
+        """
+        if len(detections):
+            keep = np.isin(detections.data["class_name"], self._labels)
+            detections = detections[keep]  # type: ignore[assignment]  # mask indexing gives Detections
+        tracked: sv.Detections = self._tracker.update(detections, timestamp=timestamp)
+        if len(tracked) == 0 or tracked.tracker_id is None:
+            return tracked
+        confirmed: sv.Detections = tracked[tracked.tracker_id >= 0]  # type: ignore[assignment]
+        return confirmed
+
+    def reset(self) -> None:
+        """Forget every track (after the camera's stream restarted)."""
+        self._tracker.reset()

@@ -1,0 +1,107 @@
+"""Alert rules, stepped frame by frame with hand-made tracked detections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import supervision as sv
+
+from monitor.alerts import AlertRules
+from monitor.settings import FilterSettings, ObjectsSettings
+from monitor.sources import Frame
+
+IMAGE = np.zeros((120, 160, 3), np.uint8)
+
+
+def tracked(*objects: tuple[int, float, str]) -> sv.Detections:
+    """Detections with tracker ids: (track_id, score, label)."""
+    if not objects:
+        return sv.Detections.empty()
+    return sv.Detections(
+        xyxy=np.array([[10 + i, 10, 50 + i, 90] for i, _, _ in objects], dtype=np.float32),
+        confidence=np.array([s for _, s, _ in objects], dtype=np.float32),
+        class_id=np.zeros(len(objects), dtype=int),
+        tracker_id=np.array([i for i, _, _ in objects]),
+        data={"class_name": np.array([label for _, _, label in objects], dtype=object)},
+    )
+
+
+def frame(t: float) -> Frame:
+    return Frame("gate", int(t * 10), t, IMAGE)
+
+
+@pytest.fixture
+def rules() -> AlertRules:
+    objects = ObjectsSettings(
+        track=["person", "deer"],
+        filters={"person": FilterSettings(min_score=0.4, threshold=0.6)},
+        score_history=3,
+        update_interval=2.0,
+        max_disappeared=1.0,
+    )
+    return AlertRules("gate", objects, "m.pt@abc", "p/gate/{label}/snapshot")
+
+
+def test_new_needs_the_median_over_threshold(rules):
+    assert rules.update(tracked((1, 0.9, "person")), frame(0.0))  # median of [0.9]
+    assert not AlertRules("g", rules.objects, "m", "{label}").update(tracked((1, 0.5, "person")), frame(0.0))
+
+
+def test_one_good_frame_among_misses_does_not_alert(rules):
+    assert rules.update(tracked((1, 0.5, "person")), frame(0.0)) == []
+    assert rules.update(tracked((1, 0.3, "person")), frame(0.2)) == []  # under min_score: counts 0
+    alerts = rules.update(tracked((1, 0.95, "person")), frame(0.4))  # median(0.5, 0, 0.95) = 0.5
+    assert alerts == []
+
+
+def test_alert_not_repeated_while_track_persists(rules):
+    kinds = []
+    for step in range(10):
+        kinds += [a.event.type for a in rules.update(tracked((7, 0.8, "person")), frame(step * 0.2))]
+    assert kinds == ["new"]
+
+
+def test_update_on_better_score_is_rate_limited(rules):
+    events = []
+    scores = [0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+    for step, score in enumerate(scores):  # 0.5 s apart
+        events += rules.update(tracked((3, score, "person")), frame(step * 0.5))
+    assert [a.event.type for a in events] == ["new", "update"]
+    update = events[1].event
+    assert update.frame_time - events[0].event.frame_time >= 2.0
+    assert update.top_score == pytest.approx(0.9, abs=1e-3)  # first better score 2 s after new
+    assert update.snapshot is None
+
+
+def test_end_after_max_disappeared_with_same_event_id(rules):
+    new = rules.update(tracked((4, 0.8, "person")), frame(0.0))
+    assert rules.update(tracked(), frame(0.5)) == []
+    end = rules.update(tracked(), frame(1.2))
+    assert [a.event.type for a in end] == ["end"]
+    assert end[0].event.event_id == new[0].event.event_id
+    assert end[0].event.end_time == 0.0
+    assert rules.update(tracked(), frame(3.0)) == []
+
+
+def test_unconfirmed_track_ends_silently(rules):
+    rules.update(tracked((5, 0.45, "person")), frame(0.0))
+    assert rules.expire(10.0) == []
+
+
+def test_labels_without_filter_use_defaults(rules):
+    assert rules.update(tracked((8, 0.65, "deer")), frame(0.0)) == []  # default threshold 0.7
+    assert [a.event.label for a in rules.update(tracked((9, 0.75, "deer")), frame(0.2))] == ["deer"]
+
+
+def test_new_event_carries_a_jpeg_snapshot(rules):
+    (alert,) = rules.update(tracked((1, 0.9, "person")), frame(5.0))
+    assert alert.event.snapshot == "p/gate/person/snapshot"
+    assert alert.snapshot is not None
+    assert alert.snapshot[:2] == b"\xff\xd8"
+    assert alert.event.box == [11.0, 10.0, 51.0, 90.0]
+    assert alert.capture_time == 5.0
+
+
+def test_two_tracks_get_two_event_ids(rules):
+    alerts = rules.update(tracked((1, 0.9, "person"), (2, 0.9, "person")), frame(0.0))
+    assert len({a.event.event_id for a in alerts}) == 2

@@ -1,0 +1,108 @@
+"""The batched detector finds what Ultralytics' own predict finds, on real frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import supervision as sv
+
+from monitor.detector import Detector, place
+from monitor.errors import DetectorError
+from monitor.settings import ModelSettings
+from tests.conftest import CLIP, TEST_IMGSZ, TEST_LABELS
+
+#: Detections this close to the confidence floor may fall on either side of it.
+BORDER = 0.02
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(CLIP))
+    out = []
+    index = 0
+    while len(out) < 6:
+        ok, frame = cap.read()
+        assert ok, "the test clip ended early"
+        if index % 40 == 0:
+            out.append(frame)
+        index += 1
+    cap.release()
+    return out
+
+
+@pytest.fixture(scope="module")
+def detector(weights: Path) -> Detector:
+    return Detector(ModelSettings(path=weights, imgsz=TEST_IMGSZ, device="cpu", labels=TEST_LABELS))
+
+
+def _reference(weights: Path, images: list[np.ndarray]) -> list[sv.Detections]:
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights))
+    return [
+        sv.Detections.from_ultralytics(model.predict(im, imgsz=TEST_IMGSZ, verbose=False)[0]) for im in images
+    ]
+
+
+def _assert_same(ours: sv.Detections, ref: sv.Detections, names: dict[int, str]) -> None:
+    floor = 0.25 + BORDER
+    sure_ref = ref[ref.confidence >= floor]
+    sure_ours = ours[ours.confidence >= floor]
+    for a, b in ((sure_ref, ours), (sure_ours, ref)):
+        if len(a) == 0:
+            continue
+        assert len(b) > 0, "a detection has no counterpart"
+        iou = sv.box_iou_batch(a.xyxy, b.xyxy)
+        match = iou.argmax(axis=1)
+        assert (iou.max(axis=1) >= 0.9).all(), iou.max(axis=1)
+        assert np.abs(a.confidence - b.confidence[match]).max() <= 0.02
+        assert (a.class_id == b.class_id[match]).all()
+    assert set(ours.data["class_name"]) <= {"person"}
+    assert all(names[c] == "person" for c in ours.class_id)
+
+
+def test_batch_matches_ultralytics_predict_per_frame(weights, detector, frames):
+    ours = detector.detect(frames)
+    reference = _reference(weights, frames)
+    assert sum(len(r) for r in reference) >= 6, "the clip should show people"
+    for o, r in zip(ours, reference, strict=True):
+        _assert_same(o, r, detector.names)
+
+
+def test_batch_of_mixed_cameras_matches_predict(weights, detector, frames):
+    mixed = [frames[0], cv2.resize(frames[1], (640, 360)), cv2.resize(frames[2], (1280, 960)), frames[3]]
+    ours = detector.detect(mixed)
+    for o, r, image in zip(ours, _reference(weights, mixed), mixed, strict=True):
+        _assert_same(o, r, detector.names)
+        if len(o):
+            assert (o.xyxy[:, [0, 2]] <= image.shape[1]).all()
+            assert (o.xyxy[:, [1, 3]] <= image.shape[0]).all()
+
+
+def test_empty_frame_gives_no_detections(detector):
+    (result,) = detector.detect([np.zeros((10, 10, 3), np.uint8)])
+    assert len(result) == 0
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [((576, 768), (416, 320)), ((720, 1280), (416, 256)), ((1080, 1080), (416, 416))],
+)
+def test_minimal_rectangle_like_ultralytics(shape, expected):
+    p = place(shape[0], shape[1], 416, 32, rect=True)
+    assert (p.input_width, p.input_height) == expected
+
+
+def test_missing_weights_are_a_clear_error(tmp_path):
+    with pytest.raises(DetectorError, match="does not exist"):
+        Detector(ModelSettings(path=tmp_path / "nope.pt", device="cpu"))
+
+
+def test_corrupt_weights_are_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a torch checkpoint")
+    with pytest.raises(DetectorError, match="could not be loaded as a YOLO model"):
+        Detector(ModelSettings(path=bad, device="cpu"))

@@ -1,0 +1,43 @@
+"""Credentials never reach a log line."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from monitor.logs import configure_logging, redact
+from monitor.settings import LogSettings
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("rtsp://admin:hunter2@10.0.0.5:554/s1", "rtsp://***@10.0.0.5:554/s1"),
+        ("open rtsp://user@cam/x failed", "open rtsp://***@cam/x failed"),
+        (
+            "http://cam/snap.jpg?user=admin&password=hunter2&ch=1",
+            "http://cam/snap.jpg?user=***&password=***&ch=1",
+        ),
+        ("https://cam/live?token=abc.def", "https://cam/live?token=***"),
+        ("rtsp://10.0.0.5/stream1", "rtsp://10.0.0.5/stream1"),
+        ("no url here", "no url here"),
+    ],
+)
+def test_redact_removes_credentials(text, expected):
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_lines_are_redacted_in_both_formats(fmt, capsys):
+    configure_logging(LogSettings(format=fmt))
+    log = logging.getLogger("monitor.test")
+    log.warning("cannot open %s", "rtsp://admin:hunter2@cam/1", extra={"camera": "gate"})
+    try:
+        raise OSError("rtsp://admin:hunter2@cam/1 refused")
+    except OSError:
+        log.exception("failed")
+    err = capsys.readouterr().err
+    assert "hunter2" not in err
+    assert "gate" in err
+    assert "rtsp://***@cam/1" in err

@@ -1,0 +1,109 @@
+"""Decoder children: real files and a real RTSP server; newest frame wins; dead decoders restart."""
+
+from __future__ import annotations
+
+import multiprocessing.connection as mpc
+import time
+
+import pytest
+
+from monitor.metrics import Metrics
+from monitor.settings import CameraSettings
+from monitor.sources import CameraState, CameraStatus, Source
+from tests.conftest import CLIP, start_rtsp_server
+
+
+def pump(source: Source, until, timeout: float, what: str):
+    """Run the daemon loop's part for one source until ``until()`` is truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = source.connection
+        mpc.wait([conn] if conn is not None else [], timeout=0.1)
+        source.drain()
+        source.check(time.monotonic())
+        result = until()
+        if result:
+            return result
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def sample(metrics: Metrics, name: str, camera: str) -> float:
+    value = metrics.registry.get_sample_value(name, {"camera": camera})
+    return value or 0.0
+
+
+def test_file_camera_delivers_scaled_frames_at_detect_fps():
+    metrics = Metrics()
+    settings = CameraSettings(url=str(CLIP), detect={"width": 384, "height": 288})
+    with Source("file", settings, fps=5, metrics=metrics) as source:
+        first = pump(source, source.take, 20, "a first frame")
+        assert first.image.shape == (288, 384, 3)
+        assert first.capture_time <= time.time()
+        start, seqs = time.monotonic(), []
+        while time.monotonic() - start < 2.0:
+            frame = pump(source, source.take, 5, "a frame")
+            seqs.append(frame.seq)
+        assert seqs == sorted(seqs)
+        assert len(set(seqs)) == len(seqs)
+        # 5 fps for 2 s (the clip itself is 10 fps): about 10 frames, never 20.
+        assert 7 <= len(seqs) <= 12, seqs
+        assert source.state is CameraState.ONLINE
+
+
+def test_newest_frame_wins_and_skipped_frames_are_counted():
+    metrics = Metrics()
+    with Source("file", CameraSettings(url=str(CLIP)), fps=10, metrics=metrics) as source:
+        first = pump(source, source.take, 20, "a first frame")
+        pump(
+            source,
+            lambda: sample(metrics, "monitor_camera_frames_total", "file") >= first.seq + 6,
+            10,
+            "six more decoded frames",
+        )
+        newest = source.take()
+        assert newest is not None
+        assert newest.seq >= first.seq + 5
+        assert sample(metrics, "monitor_camera_frames_dropped_total", "file") == newest.seq - first.seq - 1
+        assert source.take() is None  # nothing new since
+
+
+def test_missing_file_is_offline_with_reason_and_retried():
+    statuses: list[CameraStatus] = []
+    metrics = Metrics()
+    settings = CameraSettings(url="/nonexistent/clip.mp4")
+    with Source("ghost", settings, fps=5, metrics=metrics, on_status=statuses.append) as source:
+        pump(source, lambda: source.state is CameraState.OFFLINE, 15, "offline")
+        assert source.reason == "not found"
+        pump(source, lambda: source.reconnects >= 1, 5, "a retry")
+    assert metrics.registry.get_sample_value("monitor_camera_up", {"camera": "ghost"}) == 0
+    assert [s.state for s in statuses][:2] == [CameraState.STARTING, CameraState.OFFLINE]
+
+
+def test_killed_decoder_is_restarted():
+    metrics = Metrics()
+    with Source("file", CameraSettings(url=str(CLIP)), fps=5, metrics=metrics) as source:
+        pump(source, source.take, 20, "a first frame")
+        source._proc.kill()
+        pump(source, lambda: source.state is CameraState.OFFLINE, 5, "the death to be noticed")
+        assert source.reason.startswith("decoder exited (code")
+        pump(source, source.take, 20, "frames after the restart")
+        assert source.reconnects == 1
+        assert sample(metrics, "monitor_camera_reconnects_total", "file") == 1
+
+
+@pytest.mark.integration
+def test_rtsp_camera_delivers_frames_and_survives_server_restart():
+    server = start_rtsp_server({"cam": CLIP})
+    metrics = Metrics()
+    settings = CameraSettings(url=server.url("cam"), stall_timeout=3, open_timeout=3)
+    try:
+        with Source("rtsp", settings, fps=5, metrics=metrics) as source:
+            frame = pump(source, source.take, 20, "a first RTSP frame")
+            assert frame.image.shape == (576, 768, 3)
+            server.stop()
+            pump(source, lambda: source.state in (CameraState.OFFLINE, CameraState.STALLED), 5, "the outage")
+            server = start_rtsp_server({"cam": CLIP}, port=server.port)
+            pump(source, source.take, 20, "frames after the server came back")
+            assert source.state is CameraState.ONLINE
+    finally:
+        server.stop()

@@ -1,0 +1,30 @@
+"""The spool keeps messages on disk, in order, until they are removed."""
+
+from __future__ import annotations
+
+import pytest
+
+from monitor.errors import PublishError
+from monitor.spool import Outgoing, Spool
+
+
+def test_messages_survive_reopening_in_order(tmp_path):
+    path = tmp_path / "state" / "spool.db"
+    with Spool(path) as spool:
+        stored = spool.put([Outgoing("t/events", b"1", False, 10.0), Outgoing("t/snap", b"\xff\xd8", True)])
+        spool.put([Outgoing("t/events", b"2")])
+        spool.remove(stored[0].id)
+    with Spool(path) as spool:
+        pending = spool.pending()
+    assert [(m.topic, m.payload, m.retain) for m in pending] == [
+        ("t/snap", b"\xff\xd8", True),
+        ("t/events", b"2", False),
+    ]
+    assert pending[0].id < pending[1].id
+
+
+def test_unusable_path_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PublishError, match=r"spool\.path"):
+        Spool(blocker / "spool.db")
