@@ -27,6 +27,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -347,6 +348,8 @@ def _decoder_main(
     conn: mpc.Connection,
 ) -> None:
     """Entry point of a decoder child. Exits non-zero with a ``_Failed`` message."""
+    # Ctrl-C reaches the whole process group; the parent decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Keep FFmpeg quiet: its messages can carry the URL with credentials.
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;tcp"

@@ -288,11 +288,13 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Daemon
     """Start ``monitor run`` as a subprocess on a config; returns once /readyz says ready."""
     started: list[DaemonProcess] = []
 
-    def start(config: dict[str, Any], ready_timeout: float = 120) -> DaemonProcess:
+    def start(
+        config: dict[str, Any], ready_timeout: float = 120, env: dict[str, str] | None = None
+    ) -> DaemonProcess:
         path = tmp_path / f"monitor-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
         log_path = tmp_path / f"monitor-{len(started)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MONITOR_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MONITOR_")} | (env or {})
         with log_path.open("w") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "monitor", "run", "--config", str(path)],

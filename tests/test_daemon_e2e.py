@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import cv2
@@ -45,7 +46,15 @@ def test_two_rtsp_cameras_alert_person_over_mqtt_and_stop_cleanly(
             "cam2": {"url": rtsp_server.url("cam2")},
         },
     )
-    daemon = daemon_factory(config)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    daemon = daemon_factory(
+        config, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
+    )
+    # systemd's protocol: READY=1 once warmed up, then WATCHDOG=1 from the loop.
+    assert notify.recv(4096) == b"READY=1"
+    assert notify.recv(4096).startswith(b"WATCHDOG=1\nSTATUS=")
 
     new = events.wait_for(
         lambda m: m.topic == "test/events" and json.loads(m.payload)["type"] == "new", 60, "a new event"
@@ -109,3 +118,5 @@ def test_two_rtsp_cameras_alert_person_over_mqtt_and_stop_cleanly(
     ends = {b["event_id"] for b in bodies if b["type"] == "end"}
     assert news
     assert news <= ends
+    notify.close()
+    notify.close()
