@@ -202,6 +202,9 @@ class CameraSettings(_Section):
     detect: CameraDetectSettings = Field(default_factory=CameraDetectSettings)
     stall_timeout: float = Field(10.0, gt=0, description="No frame for this long: restart the decoder.")
     open_timeout: float = Field(10.0, gt=0, description="Most seconds to open the stream.")
+    backoff_max: float = Field(
+        60.0, gt=0, description="Longest wait between reconnects (starts at 1 s, doubles, +/-20% jitter)."
+    )
 
     @field_validator("url")
     @classmethod

@@ -27,7 +27,9 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import random
+import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,14 +49,24 @@ SLOTS = 3
 MAX_NATIVE = (1920, 1080)
 #: Restart backoff: first delay, cap, and the +/- fraction of jitter.
 BACKOFF_FIRST = 1.0
-BACKOFF_CAP = 60.0
 BACKOFF_JITTER = 0.2
 #: Online this long without trouble resets the backoff.
 HEALTHY_AFTER = 30.0
+#: Seconds a new decoder process may take to start (imports) before opening the stream;
+#: generous because many cameras start at once on small machines.
+SPAWN_TIMEOUT = 60.0
+#: FFmpeg input options: RTSP over TCP (no UDP loss), and at most 1 s of stream
+#: probing (the default 5 s makes every (re)connect slow).
+FFMPEG_OPTIONS = "rtsp_transport;tcp|analyzeduration;1000000"
 #: Seconds a decoder gets to exit after SIGTERM before SIGKILL.
 KILL_GRACE = 1.0
 
-_CTX = mp.get_context("spawn")  # never fork a process that holds CUDA or threads
+# Decoders are forked from a forkserver: a clean process (no CUDA, no threads)
+# that has already imported OpenCV and numpy, so a restart costs milliseconds
+# of CPU instead of a fresh interpreter's imports. That keeps a flapping camera
+# with a short backoff from eating the CPU of the healthy ones.
+_CTX = mp.get_context("forkserver")
+_CTX.set_forkserver_preload(["monitor.sources", "cv2", "numpy"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +108,11 @@ class CameraStatus:
 
 
 # Messages from the decoder child to the parent.
+@dataclass(frozen=True, slots=True)
+class _Opening:
+    """The child is up and starts opening the stream (open_timeout runs from here)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Opened:
     width: int
@@ -151,6 +168,7 @@ class Source:
         self._taken_seq = -1
         self._last_frame = 0.0
         self._started = 0.0
+        self._opening = False
         self._online_since = 0.0
         self._restart_at: float | None = None
         self._backoff = BACKOFF_FIRST
@@ -203,6 +221,7 @@ class Source:
         self._failure = None
         now = time.monotonic()
         self._started = now
+        self._opening = False
         self._last_frame = now
         self._restart_at = None
 
@@ -245,6 +264,8 @@ class Source:
                 if self.state is not CameraState.ONLINE:
                     self._online_since = self._last_frame
                     self._set_state(CameraState.ONLINE, None)
+            elif isinstance(message, _Opening):
+                self._started, self._opening = time.monotonic(), True
             elif isinstance(message, _Opened):
                 logger.info(
                     "stream opened: %dx%d at %.1f fps",
@@ -298,11 +319,10 @@ class Source:
             self._on_exit()
         elif self.state is CameraState.ONLINE and now - self._last_frame > self.settings.stall_timeout:
             self._restart(CameraState.STALLED, f"no frame for {self.settings.stall_timeout:g} s")
-        elif (
-            self.state is CameraState.STARTING
-            and now - self._started > self.settings.open_timeout + KILL_GRACE
+        elif self.state is CameraState.STARTING and now - self._started > (
+            self.settings.open_timeout + KILL_GRACE if self._opening else SPAWN_TIMEOUT
         ):
-            self._restart(CameraState.OFFLINE, "timeout")
+            self._restart(CameraState.OFFLINE, "timeout" if self._opening else "decoder did not start")
 
     def _on_exit(self) -> None:
         if self._proc is None:
@@ -315,8 +335,10 @@ class Source:
     def _restart(self, state: CameraState, reason: str) -> None:
         self._stop_child()
         self._ready = None  # its slot belongs to the next decoder now
-        delay = self._backoff * (1 + random.uniform(-BACKOFF_JITTER, BACKOFF_JITTER))
-        self._backoff = min(self._backoff * 2, BACKOFF_CAP)
+        delay = min(self._backoff, self.settings.backoff_max) * (
+            1 + random.uniform(-BACKOFF_JITTER, BACKOFF_JITTER)
+        )
+        self._backoff = min(self._backoff * 2, self.settings.backoff_max)
         self._restart_at = time.monotonic() + delay
         logger.warning(
             "%s: %s; reconnecting in %.1f s", state.value, reason, delay, extra={"camera": self.name}
@@ -350,21 +372,83 @@ def _decoder_main(
     """Entry point of a decoder child. Exits non-zero with a ``_Failed`` message."""
     # Ctrl-C reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Keep FFmpeg quiet: its messages can carry the URL with credentials.
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
-    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;tcp"
+    # FFmpeg's messages say why a stream failed, but can carry the URL with its
+    # credentials: they go to a pipe that only ``_StderrReasons`` reads.
+    reasons = _StderrReasons()
+    os.environ["OPENCV_FFMPEG_DEBUG"] = "1"
+    os.environ["OPENCV_LOG_LEVEL"] = "WARNING"
+    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = FFMPEG_OPTIONS
     import cv2  # imported here: the parent's import of this module stays light
 
     url = settings.url.get_secret_value()
     shm = SharedMemory(name=shm_name)
     try:
-        code = _decode_loop(cv2, settings, url, fps, shm, slot_bytes, latest_seq, conn)
+        code = _decode_loop(cv2, settings, url, fps, shm, slot_bytes, latest_seq, conn, reasons)
     except Exception as exc:  # report, never print a traceback with the URL
         conn.send(_Failed(redact(f"decoder error: {exc}")))
         code = 70
     finally:
         shm.close()
     os._exit(code)
+
+
+#: FFmpeg messages (seen through OpenCV) and the reason they give, first match wins.
+_REASONS = [
+    (
+        re.compile(r"invalid data found|could not find codec|no video|moov atom not found", re.I),
+        "no video stream",
+    ),
+    (re.compile(r"connection refused", re.I), "connection refused"),
+    (re.compile(r"\b401\b|unauthori[sz]ed", re.I), "unauthorized"),
+    (re.compile(r"\b403\b|forbidden", re.I), "forbidden"),
+    (re.compile(r"\b404\b|not found|no such file", re.I), "not found"),
+    (re.compile(r"timed? ?out|timeout triggered", re.I), "timeout"),
+    (re.compile(r"no route to host|network is unreachable", re.I), "unreachable"),
+    (re.compile(r"name or service not known|failed to resolve|name resolution", re.I), "host not found"),
+]
+_FFMPEG_LINE = re.compile(r"^\[OPENCV:FFMPEG:(\d+)\] (.*)")
+_FFMPEG_VERBOSE = 40  # AV_LOG_VERBOSE: connection attempts and errors; lower numbers are worse
+
+
+class _StderrReasons:
+    """Reads the child's own stdout and stderr and remembers why FFmpeg last failed.
+
+    Nothing read here is printed: the lines may hold the camera's credentials.
+    Only the classified reason (a fixed phrase) leaves the child.
+    """
+
+    def __init__(self) -> None:
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 1)  # OpenCV prints FFmpeg's log to stdout,
+        os.dup2(write_fd, 2)  # and its own warnings to stderr
+        os.close(write_fd)
+        self._reason: str | None = None
+        self._file = os.fdopen(read_fd, "r", errors="replace")
+        threading.Thread(target=self._read, name="ffmpeg-stderr", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._file:
+            match = _FFMPEG_LINE.match(line)
+            if match and int(match.group(1)) <= _FFMPEG_VERBOSE:
+                text = match.group(2)
+            elif "timeout triggered" in line:  # OpenCV's own interrupt callback
+                text = "timeout triggered"
+            else:
+                continue  # FFmpeg debug output, SDP bodies: never classified, never shown
+            for pattern, reason in _REASONS:
+                if pattern.search(text):
+                    self._reason = reason
+                    break
+
+    def latest(self, fallback: str) -> str:
+        """The last classified reason, or ``fallback``; forgets it."""
+        time.sleep(_STDERR_SETTLE)  # let the reader thread see what was just written
+        reason, self._reason = self._reason, None
+        return reason or fallback
+
+
+#: Seconds for the stderr reader to catch up before a failure is reported.
+_STDERR_SETTLE = 0.05
 
 
 def _open(cv2: Any, settings: CameraSettings, url: str) -> Any:
@@ -393,13 +477,16 @@ def _decode_loop(
     slot_bytes: int,
     latest_seq: Any,
     conn: mpc.Connection,
+    reasons: _StderrReasons,
 ) -> int:
     if settings.is_file and not os.path.isfile(url):
         conn.send(_Failed("not found"))
         return 2
+    conn.send(_Opening())
     cap = _open(cv2, settings, url)
     if not cap.isOpened():
-        conn.send(_Failed("cannot open stream" if not settings.is_file else "no video stream"))
+        fallback = "no video stream" if settings.is_file else "cannot open stream"
+        conn.send(_Failed(reasons.latest(fallback)))
         return 2
     native_fps = cap.get(cv2.CAP_PROP_FPS)
     native_fps = native_fps if 0 < native_fps < 1000 else 25.0
@@ -416,7 +503,7 @@ def _decode_loop(
                 cap = _open(cv2, settings, url)
                 played, play_start = 0, time.monotonic()
                 continue
-            conn.send(_Failed("end of stream" if opened else "no video stream"))
+            conn.send(_Failed(reasons.latest("end of stream" if opened else "no video stream")))
             return 3
         if settings.is_file:
             played += 1

@@ -59,16 +59,15 @@ def main() -> int:
         )
         factory.set_shared(False)
         if args.user:
-            factory.add_role_from_structure(
-                Gst.Structure.new_from_string(
-                    "user, media.factory.access=(boolean)true, media.factory.construct=(boolean)true"
-                )
-            )
+            permissions = GstRtspServer.RTSPPermissions()
+            permissions.add_permission_for_role("user", "media.factory.access", True)
+            permissions.add_permission_for_role("user", "media.factory.construct", True)
+            factory.set_permissions(permissions)
         mounts.add_factory(path, factory)
     if args.user:
         auth = GstRtspServer.RTSPAuth()
-        token = GstRtspServer.RTSPToken.new_empty()
-        token.get_structure().set_value("media.factory.role", "user")
+        token = GstRtspServer.RTSPToken()
+        token.set_string("media.factory.role", "user")
         basic = GstRtspServer.RTSPAuth.make_basic(args.user, args.password or "")
         auth.add_basic(basic, token)
         server.set_auth(auth)

@@ -119,4 +119,3 @@ def test_two_rtsp_cameras_alert_person_over_mqtt_and_stop_cleanly(
     assert news
     assert news <= ends
     notify.close()
-    notify.close()

@@ -1,0 +1,170 @@
+"""Broken cameras never stop the daemon: real RTSP servers that die, hang, refuse and lie."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import CLIP, base_config, free_port, start_rtsp_server, wait_until
+
+pytestmark = pytest.mark.integration
+
+WRONG_PASSWORD = "s3cr3t-wrong-pw"
+STALL = 3.0
+OPEN = 3.0
+WINDOW = 8.0
+
+
+@pytest.fixture
+def hanging_server() -> Iterator[int]:
+    """A TCP server that accepts connections and never says a word."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def status_of(message) -> dict:
+    return json.loads(message.payload)
+
+
+def processed_rate(daemon, camera: str, seconds: float) -> float:
+    key = f'monitor_camera_frames_processed_total{{camera="{camera}"}}'
+    start_value, start = daemon.metrics()[key], time.monotonic()
+    deadline = start + seconds
+    # Wait for the window to pass while the daemon works (the metric is the event).
+    wait_until(lambda: time.monotonic() >= deadline, seconds + 5, "the measuring window", interval=0.5)
+    return (daemon.metrics()[key] - start_value) / (time.monotonic() - start)
+
+
+def test_broken_cameras_are_reported_and_never_disturb_a_healthy_one(
+    weights, tmp_path, broker, subscriber_factory, daemon_factory, hanging_server
+):
+    not_video = tmp_path / "notes.mp4"
+    not_video.write_text("this is a shopping list, not a video\n" * 100)
+    corrupt = tmp_path / "corrupt.mp4"
+    data = CLIP.read_bytes()
+    corrupt.write_bytes(data[len(data) // 2 :])  # no header, half a stream
+    camera_defaults = {"stall_timeout": STALL, "open_timeout": OPEN, "backoff_max": 1.0}
+
+    # Baseline: the healthy camera alone.
+    solo = base_config(weights, tmp_path, broker.port, free_port(), cameras={"steady": {"url": str(CLIP)}})
+    solo["model"]["imgsz"] = 320
+    baseline_daemon = daemon_factory(solo)
+    wait_until(
+        lambda: baseline_daemon.metrics()['monitor_camera_frames_processed_total{camera="steady"}'] > 0,
+        30,
+        "the first processed frame",
+    )
+    baseline = processed_rate(baseline_daemon, "steady", WINDOW)
+    assert baseline_daemon.terminate() == 0
+
+    flapping = start_rtsp_server({"flap": CLIP})
+    secure = start_rtsp_server({"secure": CLIP}, extra=["--user", "admin", "--password", "right-pass"])
+    try:
+        statuses = subscriber_factory(broker.port, "test/#")
+        cameras = {
+            "steady": {"url": str(CLIP)},
+            "flap": {"url": flapping.url("flap"), **camera_defaults},
+            "hang": {"url": f"rtsp://127.0.0.1:{hanging_server}/live", **camera_defaults},
+            "secure": {
+                "url": f"rtsp://admin:{WRONG_PASSWORD}@127.0.0.1:{secure.port}/secure",
+                **camera_defaults,
+            },
+            "garbage": {"url": str(not_video), **camera_defaults},
+            "corrupt": {"url": str(corrupt), **camera_defaults},
+            "missing": {"url": str(tmp_path / "nowhere.mp4"), **camera_defaults},
+        }
+        config = base_config(weights, tmp_path, broker.port, free_port(), cameras=cameras)
+        config["model"]["imgsz"] = 320
+        daemon = daemon_factory(config)
+
+        def reported(camera: str, state: str, reason: str | None = None, timeout: float = 20.0) -> dict:
+            message = statuses.wait_for(
+                lambda m: (
+                    m.topic == f"test/{camera}/status"
+                    and status_of(m)["state"] == state
+                    and (reason is None or status_of(m)["reason"] == reason)
+                ),
+                timeout,
+                f"{camera} {state} {reason or ''}",
+            )
+            return status_of(message)
+
+        reported("flap", "online")
+        reported("hang", "offline", "timeout", timeout=OPEN + 2 + 5)
+        reported("secure", "offline", "unauthorized")
+        reported("garbage", "offline", "no video stream")
+        reported("corrupt", "offline", "no video stream")
+        reported("missing", "offline", "not found")
+
+        # The healthy camera keeps its rate while the others hang and fail.
+        flap_killed = time.monotonic()
+        flapping.stop()
+        rate = processed_rate(daemon, "steady", WINDOW)
+        down = reported("flap", "offline", timeout=STALL + 2)
+        assert down["reason"]
+        assert time.monotonic() - flap_killed <= STALL + 2 + WINDOW
+        assert rate >= 0.8 * baseline, (
+            f"steady camera: {rate:.2f} fps with broken neighbours, {baseline:.2f} alone"
+        )
+
+        # The flapping camera's server returns: back online within 5 s.
+        statuses.drain()
+        flapping = start_rtsp_server({"flap": CLIP}, port=flapping.port)
+        returned = time.monotonic()
+        statuses.wait_for(
+            lambda m: (
+                m.topic == "test/flap/status"
+                and status_of(m)["state"] == "online"
+                and m not in statuses.seen[:0]
+            ),
+            5 + 3,
+            "flap back online",
+        )
+        assert time.monotonic() - returned <= 5 + 3  # 5 s + RTSP session set-up on a busy 2-core box
+        cameras_api = json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/api/cameras", timeout=5).read()
+        )
+        assert cameras_api["steady"]["state"] == "online"
+        assert cameras_api["flap"]["reconnects"] >= 1
+
+        # The password never leaks: not in logs, metrics or any MQTT payload.
+        metrics_text = urllib.request.urlopen(
+            f"http://127.0.0.1:{daemon.http_port}/metrics", timeout=5
+        ).read()
+        statuses.drain()
+        assert WRONG_PASSWORD.encode() not in metrics_text
+        assert all(WRONG_PASSWORD.encode() not in m.payload for m in statuses.seen)
+        started = time.monotonic()
+        assert daemon.terminate(timeout=10) == 0
+        assert time.monotonic() - started < 10
+        assert WRONG_PASSWORD not in daemon.log()
+        assert "Traceback" not in daemon.log()
+    finally:
+        flapping.stop()
+        secure.stop()

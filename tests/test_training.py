@@ -1,0 +1,288 @@
+"""The model workflow commands: ``monitor train``, ``val`` and ``export``, run in-process.
+
+Training uses a tiny generated data set (squares and discs) and a randomly
+initialised ``yolov8s.yaml``, so nothing is downloaded; export parity uses the
+real test weights on the test clip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import supervision as sv
+import torch
+import yaml
+
+from monitor import training
+from monitor.cli import EXIT_STARTUP, main
+from monitor.detector import Detector, sha256_of
+from monitor.settings import ModelSettings
+from tests.conftest import CLIP, PEOPLE_JPG
+
+CLASSES = ["square", "disc"]
+IMAGE_SIZE = 64
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+COLUMNS = {"class", "images", "instances", "precision", "recall", "mAP50", "mAP50-95"}
+METRICS = {"precision", "recall", "mAP50", "mAP50-95"}
+EXPORT_IMGSZ = 320
+PARITY_CONF = 0.3
+PARITY_IOU = 0.9
+PARITY_CONF_TOLERANCE = 0.02
+# torch.onnx's TorchScript exporter, which Ultralytics 8.4 calls, warns about its own deprecation.
+ONNX_EXPORT_WARNINGS = (
+    "ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning",
+    "ignore:The feature will be removed:DeprecationWarning:torch.onnx",
+)
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(argv: Sequence[object]) -> Ran:
+    """``monitor ARGV`` in this process, with its stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def make_shapes_dataset(root: Path, n_train: int = 24, n_val: int = 8, seed: int = 0) -> Path:
+    """A YOLO-format data set of filled squares (class 0) and discs (class 1) on dark 64x64 images.
+
+    Image ``i`` always holds one shape of class ``i % 2``, so both classes are in
+    each split, and sometimes a second shape of a random class.
+
+    Returns:
+        The data set YAML.
+    """
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(count):
+            image = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), int(rng.integers(0, 60)), np.uint8)
+            classes = [i % 2] + ([int(rng.integers(0, 2))] if rng.random() < 0.5 else [])
+            lines = []
+            for cls in classes:
+                side = int(rng.integers(14, 28))
+                x0, y0 = (int(v) for v in rng.integers(0, IMAGE_SIZE - side, 2))
+                colour = tuple(int(c) for c in rng.integers(120, 256, 3))
+                if cls == 0:
+                    cv2.rectangle(image, (x0, y0), (x0 + side - 1, y0 + side - 1), colour, -1)
+                else:
+                    cv2.circle(image, (x0 + side // 2, y0 + side // 2), side // 2, colour, -1)
+                cx, cy, wh = (x0 + side / 2) / IMAGE_SIZE, (y0 + side / 2) / IMAGE_SIZE, side / IMAGE_SIZE
+                lines.append(f"{cls} {cx:.6f} {cy:.6f} {wh:.6f} {wh:.6f}")
+            cv2.imwrite(str(root / "images" / split / f"{i:03d}.png"), image)
+            (root / "labels" / split / f"{i:03d}.txt").write_text("\n".join(lines) + "\n")
+    data = root / "data.yaml"
+    names = dict(enumerate(CLASSES))
+    data.write_text(
+        yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val", "names": names})
+    )
+    return data
+
+
+def val_label_counts(data: Path) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Val images, and per class name: labelled boxes and images holding the class."""
+    files = sorted((data.parent / "labels" / "val").glob("*.txt"))
+    instances = dict.fromkeys(CLASSES, 0)
+    images = dict.fromkeys(CLASSES, 0)
+    for file in files:
+        ids = [int(line.split()[0]) for line in file.read_text().splitlines()]
+        for cls in ids:
+            instances[CLASSES[cls]] += 1
+        for cls in set(ids):
+            images[CLASSES[cls]] += 1
+    return len(files), instances, images
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ran, Path]:
+    """``monitor train`` for one epoch at imgsz 64 on the CPU, from random weights."""
+    project = tmp_path_factory.mktemp("runs")
+    argv = ["train", "--data", shapes_data, "--model", "yolov8s.yaml", "--epochs", 1, "--imgsz", IMAGE_SIZE]
+    argv += ["--batch", 8, "--device", "cpu", "--project", project, "--name", "shapes"]
+    return run_cli(argv), project
+
+
+def test_train_prints_best_weights_and_a_model_card_describing_them(
+    trained: tuple[Ran, Path], shapes_data: Path
+) -> None:
+    ran, project = trained
+    assert ran.code == 0, ran.err
+    best, card_path = (Path(line) for line in ran.out.splitlines())
+    assert best == project / "shapes" / "weights" / "best.pt"
+    assert best.is_file()
+    assert card_path == best.with_name("model_card.json")
+    card = json.loads(card_path.read_text())
+    assert card["classes"] == CLASSES
+    assert SHA256.match(card["weights_sha256"])
+    assert card["weights_sha256"] == sha256_of(best)
+    assert set(card["metrics"]) == METRICS
+    assert all(0.0 <= v <= 1.0 for v in card["metrics"].values())
+    assert SHA256.match(card["data_sha256"])
+    assert card["data_sha256"] == training.dataset_sha256(shapes_data)
+    assert (card["epochs"], card["imgsz"], card["base_model"]) == (1, IMAGE_SIZE, "yolov8s.yaml")
+    assert card["ultralytics"].startswith("8.")
+
+
+def test_val_reports_all_and_each_class_with_ultralytics_columns(
+    trained: tuple[Ran, Path], shapes_data: Path
+) -> None:
+    best = trained[1] / "shapes" / "weights" / "best.pt"
+    argv = [
+        "val",
+        "--data",
+        shapes_data,
+        "--model",
+        best,
+        "--imgsz",
+        IMAGE_SIZE,
+        "--batch",
+        8,
+        "--device",
+        "cpu",
+    ]
+    n_images, instances, images = val_label_counts(shapes_data)
+
+    as_json = run_cli([*argv, "--json"])
+    assert as_json.code == 0, as_json.err
+    rows = {row["class"]: row for row in json.loads(as_json.out)["rows"]}
+    assert list(rows) == ["all", *CLASSES]
+    assert all(set(row) == COLUMNS for row in rows.values())
+    assert (rows["all"]["images"], rows["all"]["instances"]) == (n_images, sum(instances.values()))
+    for name in CLASSES:
+        assert (rows[name]["images"], rows[name]["instances"]) == (images[name], instances[name])
+
+    table = run_cli(argv)
+    assert table.code == 0, table.err
+    header, *lines = table.out.splitlines()
+    assert header.split() == ["Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95"]
+    assert [line.split()[0] for line in lines] == ["all", *CLASSES]
+    assert lines[0].split()[1:3] == [str(n_images), str(sum(instances.values()))]
+
+
+def test_dataset_hash_follows_labels_but_not_ultralytics_label_cache(tmp_path: Path) -> None:
+    data = make_shapes_dataset(tmp_path / "shapes", n_train=4, n_val=2)
+    before = training.dataset_sha256(data)
+    (tmp_path / "shapes" / "labels" / "train" / "nested.cache").write_bytes(b"cache")
+    assert training.dataset_sha256(data) == before
+    label = tmp_path / "shapes" / "labels" / "val" / "000.txt"
+    label.write_text(label.read_text().replace("0 ", "1 ", 1))
+    assert training.dataset_sha256(data) != before
+
+
+def parity_frames() -> list[np.ndarray]:
+    """Every 20th of the first 120 clip frames, and the people photo."""
+    capture = cv2.VideoCapture(str(CLIP))
+    frames = []
+    try:
+        for index in range(120):
+            ok, frame = capture.read()
+            assert ok, f"{CLIP} ended at frame {index}"
+            if index % 20 == 0:
+                frames.append(frame)
+    finally:
+        capture.release()
+    photo = cv2.imread(str(PEOPLE_JPG))
+    assert photo is not None
+    return [*frames, photo]
+
+
+@pytest.mark.filterwarnings(*ONNX_EXPORT_WARNINGS)
+def test_onnx_export_is_dynamic_and_detects_like_the_pt_weights(weights: Path, tmp_path: Path) -> None:
+    pt = tmp_path / "fall.pt"
+    shutil.copyfile(weights, pt)  # the export lands next to the weights: keep it out of site-packages
+
+    ran = run_cli(["export", "--model", pt, "--format", "onnx", "--imgsz", EXPORT_IMGSZ])
+
+    assert ran.code == 0, ran.err
+    onnx = Path(ran.out.strip())
+    assert onnx == tmp_path / "fall.onnx"
+    assert onnx.is_file()
+    settings = {"imgsz": EXPORT_IMGSZ, "device": "cpu", "conf": PARITY_CONF}
+    reference = Detector(ModelSettings(path=pt, **settings))
+    exported = Detector(ModelSettings(path=onnx, **settings))
+    assert exported.rect, "a dynamic export takes the same rectangular batches as the .pt weights"
+    frames = parity_frames()
+    expected, got = reference.detect(frames), exported.detect(frames)
+    assert sum(len(d) for d in expected) > 0, "parity needs detections to compare"
+    for i, (want, have) in enumerate(zip(expected, got, strict=True)):
+        assert len(have) == len(want), f"frame {i}: {len(have)} boxes from ONNX, {len(want)} from .pt"
+        if not len(want):
+            continue
+        iou = sv.box_iou_batch(want.xyxy, have.xyxy)
+        match = iou.argmax(axis=1)
+        assert (iou.max(axis=1) >= PARITY_IOU).all(), f"frame {i}: IoU {iou.max(axis=1)}"
+        assert have.confidence is not None
+        assert want.confidence is not None
+        assert have.class_id is not None
+        assert want.class_id is not None
+        np.testing.assert_allclose(have.confidence[match], want.confidence, atol=PARITY_CONF_TOLERANCE)
+        np.testing.assert_array_equal(have.class_id[match], want.class_id)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["train", "--data", "{tmp}/missing.yaml"], "does not exist", id="train-missing-data"),
+        pytest.param(
+            ["train", "--data", "{data}", "--model", "yolov8s.pt"],
+            "must be a local .pt",
+            id="train-pt-by-name",
+        ),
+        pytest.param(
+            ["train", "--data", "{data}", "--model", "{tmp}/gone.pt"],
+            "must be a local .pt",
+            id="train-missing-pt",
+        ),
+        pytest.param(["train", "--data", "{data}", "--imgsz", "412"], "try 416", id="train-imgsz-not-stride"),
+        pytest.param(
+            ["val", "--data", "{tmp}/missing.yaml", "--model", "{tmp}/gone.pt"],
+            "does not exist",
+            id="val-missing",
+        ),
+        pytest.param(
+            ["export", "--model", "{tmp}/gone.pt", "--format", "onnx"],
+            "must be a local .pt",
+            id="export-missing-pt",
+        ),
+    ],
+)
+def test_model_workflow_errors_exit_3_with_the_reason(
+    argv: list[str], message: str, shapes_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # so a bare "yolov8s.pt" is not in the working directory
+    ran = run_cli([a.format(tmp=tmp_path, data=shapes_data) for a in argv])
+    assert ran.code == EXIT_STARTUP
+    assert ran.out == ""
+    assert ran.err.startswith("error: ")
+    assert message in ran.err
+    assert list(tmp_path.iterdir()) == [], "nothing is downloaded or written"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_engine_export_without_cuda_says_so(weights: Path) -> None:
+    ran = run_cli(["export", "--model", weights, "--format", "engine"])
+    assert ran.code == EXIT_STARTUP
+    assert "needs CUDA" in ran.err
