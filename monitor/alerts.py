@@ -5,14 +5,28 @@ Per track (one camera's ByteTrack id):
 * every analysed frame adds the track's score to its history, or 0 when the
   track was not seen or scored under the label's ``min_score``;
 * ``new`` once the median of the last ``objects.score_history`` scores
-  reaches the label's ``threshold`` (Frigate's true-positive rule: one good
-  frame is not enough, one bad frame does not end it);
-* ``update`` when the top score improves, at most every ``update_interval``;
-* ``end`` when the track has not been seen for ``max_disappeared`` seconds.
+  reaches the label's ``threshold``, the track was seen in ``min_frames``
+  frames and, where the camera has ``required_zones``, entered one of them
+  (Frigate's true-positive rule: one good frame is not enough, one bad frame
+  does not end it);
+* ``update`` on a better top score or a change of zones, at most every
+  ``update_interval``, never while the object is stationary;
+* ``end`` when the track has not been seen for ``max_disappeared`` seconds
+  (``stationary_max_disappeared`` for a stationary one).
+
+A track that has not moved (its box keeps overlapping where it came to rest
+by ``stationary_iou``) for ``stationary_after`` seconds is stationary: it
+sends no updates, and a new ByteTrack id that appears on the same spot with
+the same label continues it instead of alerting again (a parked car is not
+re-announced all night).
+
+``cooldown`` (per camera and label) and ``max_events_per_minute`` (per
+camera) silence whole tracks at confirmation: their new, update and end are
+still worked out, and returned with ``suppressed`` set, so the daemon counts
+exactly the events it did not send.
 
 ``event_id`` is fixed at ``new`` and repeated in ``update`` and ``end`` so
-consumers can de-duplicate (QoS 1 may deliver twice). Only confirmed tracks
-produce events.
+consumers can de-duplicate (QoS 1 may deliver twice).
 """
 
 from __future__ import annotations
@@ -23,24 +37,26 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-import cv2
 import numpy as np
 import supervision as sv
 from pydantic import BaseModel, Field
 
-from monitor.settings import ObjectsSettings
+from monitor.settings import Category, ObjectsSettings
+from monitor.snapshots import Annotator, encode_jpeg
 from monitor.sources import Frame
 
-SNAPSHOT_QUALITY = 85
+EventType = Literal["new", "update", "end"]
+RATE_WINDOW = 60.0  # seconds of max_events_per_minute
 
 
 class Event(BaseModel):
     """An event on ``<prefix>/events`` (JSON)."""
 
-    type: Literal["new", "update", "end"]
+    type: EventType
     event_id: str = Field(description="Stable for one track's new, update and end.")
     camera: str
     label: str
+    category: Category = Field("other", description="wildlife, person, vehicle or other.")
     score: float = Field(description="Score in the frame this event reports.")
     top_score: float = Field(description="Best score of the track so far.")
     box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in frame pixels.")
@@ -48,17 +64,26 @@ class Event(BaseModel):
     start_time: float = Field(description="Capture time (Unix seconds) the track was first seen.")
     end_time: float | None = Field(description="Capture time of its last sighting; set on end.")
     frame_time: float = Field(description="Capture time of the frame this event reports.")
+    current_zones: list[str] = Field(default_factory=list, description="Zones the object stands in now.")
+    entered_zones: list[str] = Field(default_factory=list, description="Zones it has stood in, in order.")
+    stationary: bool = Field(False, description="It has not moved for objects.stationary_after.")
     model: str = Field(description="Weights file and the start of its SHA-256.")
-    snapshot: str | None = Field(description="Topic of the annotated JPEG (new events), else null.")
+    instance: str | None = Field(None, description="Id of the daemon that saw it (cluster.instance_id).")
+    snapshot: str | None = Field(description="Topic of this event's annotated JPEG, else null.")
 
 
 @dataclass(frozen=True, slots=True)
 class Alert:
-    """An event ready to publish, with its optional snapshot."""
+    """An event ready to publish, with its optional snapshot.
+
+    Attributes:
+        suppressed: ``cooldown`` or ``rate_limit`` when the event is not to be sent.
+    """
 
     event: Event
     snapshot: bytes | None
     capture_time: float
+    suppressed: str | None = None
 
 
 @dataclass(slots=True)
@@ -69,12 +94,27 @@ class _Track:
     scores: deque[float]
     last_seen: float
     box: list[float]
-    score: float
+    score: float = 0.0
+    hits: int = 0
     top_score: float = 0.0
     event_id: str | None = None
+    silenced: str | None = None
     last_sent: float = 0.0
     sent_top: float = 0.0
-    seen_now: bool = field(default=False)
+    sent_zones: tuple[str, ...] = ()
+    zones: list[str] = field(default_factory=list)
+    entered: list[str] = field(default_factory=list)
+    rest_box: list[float] = field(default_factory=list)
+    still_since: float = 0.0
+    stationary: bool = False
+    best_image: np.ndarray | None = None
+    best_box: list[float] = field(default_factory=list)
+    best_score: float = -1.0
+    seen_now: bool = False
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    return float(sv.box_iou_batch(np.array([a]), np.array([b]))[0, 0])
 
 
 class AlertRules:
@@ -82,95 +122,172 @@ class AlertRules:
 
     Args:
         camera: Camera name.
-        objects: The ``objects`` section.
+        objects: The camera's effective ``objects`` settings.
         model: Model identity reported in events.
         snapshot_topic: Topic template for snapshots: ``{label}`` is filled in.
+        instance: The daemon's instance id, reported in events.
+        required_zones: Zones an object must enter before it alerts (none: anywhere).
     """
 
-    def __init__(self, camera: str, objects: ObjectsSettings, model: str, snapshot_topic: str) -> None:
+    def __init__(
+        self,
+        camera: str,
+        objects: ObjectsSettings,
+        model: str,
+        snapshot_topic: str,
+        instance: str | None = None,
+        required_zones: list[str] | None = None,
+    ) -> None:
         self.camera = camera
         self.objects = objects
         self.model = model
         self.snapshot_topic = snapshot_topic
+        self.instance = instance
+        self.required_zones = set(required_zones or [])
         self._tracks: dict[int, _Track] = {}
-        self._box_annotator = sv.BoxAnnotator(thickness=2)
-        self._label_annotator = sv.LabelAnnotator(text_scale=0.5, text_padding=4)
+        self._aliases: dict[int, int] = {}  # later ByteTrack ids of a parked object -> its track
+        self._last_new: dict[str, float] = {}
+        self._recent_news: deque[float] = deque()
+        self._annotator = Annotator()
 
-    def update(self, tracked: sv.Detections, frame: Frame) -> list[Alert]:
-        """Feed one analysed frame's tracked detections; return the events it causes."""
+    def update(
+        self, tracked: sv.Detections, frame: Frame, zones: list[list[str]] | None = None
+    ) -> list[Alert]:
+        """Feed one analysed frame's tracked detections; return the events it causes.
+
+        Args:
+            tracked: Detections with ``tracker_id`` (and ``data["class_name"]``).
+            frame: The frame they came from (time, picture for snapshots).
+            zones: For each detection, the zones it stands in.
+        """
         now = frame.capture_time
-        alerts: list[Alert] = []
         for track in self._tracks.values():
             track.seen_now = False
-        rows: list[tuple[np.ndarray, float, int, str]] = []
+        zones = zones if zones is not None else [[] for _ in range(len(tracked))]
         if len(tracked):
             assert tracked.confidence is not None
             assert tracked.tracker_id is not None
-            rows = list(
-                zip(
-                    tracked.xyxy,
-                    tracked.confidence,
-                    tracked.tracker_id,
-                    tracked.data["class_name"],
-                    strict=True,
-                )
+            rows = zip(
+                tracked.xyxy,
+                tracked.confidence,
+                tracked.tracker_id,
+                tracked.data["class_name"],
+                zones,
+                strict=True,
             )
-        for xyxy, score, track_id, label in rows:
-            box = [round(float(v), 1) for v in xyxy]
-            known = self._tracks.get(int(track_id))
-            if known is None:
-                history: deque[float] = deque(maxlen=self.objects.score_history)
-                known = self._tracks[int(track_id)] = _Track(
-                    int(track_id), str(label), now, history, now, box, 0.0
-                )
-            track = known
-            track.seen_now = True
-            track.last_seen, track.box, track.score = now, box, float(score)
-            if track.event_id is None:
-                track.label = str(label)  # the label may settle while the track is unconfirmed
-            rule = self.objects.filter_for(track.label)
-            track.scores.append(float(score) if score >= rule.min_score else 0.0)
-            if score >= rule.min_score:
-                track.top_score = max(track.top_score, float(score))
+            for xyxy, score, track_id, label, where in rows:
+                box = [round(float(v), 1) for v in xyxy]
+                track = self._track_for(int(track_id), str(label), box, now)
+                self._observe(track, str(label), box, float(score), where, frame)
+        alerts = []
         for track in self._tracks.values():
             if not track.seen_now:
                 track.scores.append(0.0)
-            alert = self._decide(track, now, frame)
+                continue
+            alert = self._decide(track, now)
             if alert is not None:
                 alerts.append(alert)
         alerts.extend(self.expire(now))
         return alerts
 
     def expire(self, now: float) -> list[Alert]:
-        """End the tracks unseen for ``max_disappeared`` seconds (call while a camera is down, too)."""
+        """End the tracks unseen for too long (call while a camera is down, too)."""
         alerts = []
         for track_id, track in list(self._tracks.items()):
-            if now - track.last_seen < self.objects.max_disappeared:
+            limit = (
+                self.objects.stationary_max_disappeared if track.stationary else self.objects.max_disappeared
+            )
+            if now - track.last_seen < limit:
                 continue
             del self._tracks[track_id]
+            for alias in [a for a, target in self._aliases.items() if target == track_id]:
+                del self._aliases[alias]
             if track.event_id is not None:
                 alerts.append(self._alert("end", track, track.last_seen, end_time=track.last_seen))
         return alerts
 
-    def _decide(self, track: _Track, now: float, frame: Frame) -> Alert | None:
-        if not track.seen_now:
-            return None
+    # -- per track -------------------------------------------------------------
+    def _track_for(self, track_id: int, label: str, box: list[float], now: float) -> _Track:
+        known = self._tracks.get(self._aliases.get(track_id, track_id))
+        if known is not None:
+            return known
+        for other in self._tracks.values():  # a parked object that ByteTrack lost and found again
+            if (
+                other.stationary
+                and not other.seen_now
+                and other.label == label
+                and _iou(other.rest_box, box) >= self.objects.stationary_iou
+            ):
+                self._aliases[track_id] = other.track_id
+                return other
+        history: deque[float] = deque(maxlen=self.objects.score_history)
+        track = _Track(track_id, label, now, history, now, box, rest_box=box, still_since=now)
+        self._tracks[track_id] = track
+        return track
+
+    def _observe(
+        self, track: _Track, label: str, box: list[float], score: float, where: list[str], frame: Frame
+    ) -> None:
+        if track.seen_now:  # two ids on one parked object in one frame: keep the first
+            return
+        now = frame.capture_time
+        track.seen_now = True
+        track.hits += 1
+        track.last_seen, track.box, track.score, track.zones = now, box, score, where
+        track.entered.extend(z for z in where if z not in track.entered)
+        if track.event_id is None:
+            track.label = label  # the label may settle while the track is unconfirmed
+        rule = self.objects.filter_for(track.label)
+        good = score >= rule.min_score
+        track.scores.append(score if good else 0.0)
+        if good:
+            track.top_score = max(track.top_score, score)
+        if score > track.best_score:
+            track.best_score, track.best_box, track.best_image = score, box, frame.image
+        if _iou(track.rest_box, box) < self.objects.stationary_iou:
+            track.rest_box, track.still_since, track.stationary = box, now, False
+        elif now - track.still_since >= self.objects.stationary_after:
+            track.stationary = True
+
+    def _decide(self, track: _Track, now: float) -> Alert | None:
         rule = self.objects.filter_for(track.label)
         if track.event_id is None:
-            if track.score < rule.min_score or statistics.median(track.scores) < rule.threshold:
+            if (
+                track.score < rule.min_score
+                or track.hits < rule.min_frames
+                or statistics.median(track.scores) < rule.threshold
+                or (self.required_zones and not self.required_zones.intersection(track.entered))
+            ):
                 return None
             track.event_id = f"{track.start_time:.6f}-{secrets.token_hex(3)}"
-            track.last_sent, track.sent_top = now, track.top_score
-            snapshot = self._snapshot(frame, track)
-            return self._alert("new", track, now, snapshot=snapshot)
-        if track.top_score > track.sent_top and now - track.last_sent >= self.objects.update_interval:
-            track.last_sent, track.sent_top = now, track.top_score
-            return self._alert("update", track, now)
+            track.silenced = self._silence(track.label, now)
+            track.last_sent, track.sent_top, track.sent_zones = now, track.top_score, tuple(track.zones)
+            return self._alert("new", track, now, snapshot=self._snapshot(track))
+        if track.stationary or now - track.last_sent < self.objects.update_interval:
+            return None
+        better = track.top_score > track.sent_top
+        if not better and tuple(track.zones) == track.sent_zones:
+            return None
+        track.last_sent, track.sent_top, track.sent_zones = now, track.top_score, tuple(track.zones)
+        return self._alert("update", track, now, snapshot=self._snapshot(track) if better else None)
+
+    def _silence(self, label: str, now: float) -> str | None:
+        """Why a newly confirmed track stays silent, if it does; else record its `new`."""
+        last = self._last_new.get(label)
+        if last is not None and now - last < self.objects.cooldown:
+            return "cooldown"
+        cap = self.objects.max_events_per_minute
+        while self._recent_news and now - self._recent_news[0] >= RATE_WINDOW:
+            self._recent_news.popleft()
+        if cap is not None and len(self._recent_news) >= cap:
+            return "rate_limit"
+        self._last_new[label] = now
+        self._recent_news.append(now)
         return None
 
     def _alert(
         self,
-        kind: Literal["new", "update", "end"],
+        kind: EventType,
         track: _Track,
         frame_time: float,
         snapshot: bytes | None = None,
@@ -182,6 +299,7 @@ class AlertRules:
             event_id=track.event_id,
             camera=self.camera,
             label=track.label,
+            category=self.objects.category_of(track.label),
             score=round(track.score, 4),
             top_score=round(track.top_score, 4),
             box=track.box,
@@ -189,18 +307,23 @@ class AlertRules:
             start_time=track.start_time,
             end_time=end_time,
             frame_time=frame_time,
+            current_zones=list(track.zones) if kind != "end" else [],
+            entered_zones=list(track.entered),
+            stationary=track.stationary,
             model=self.model,
+            instance=self.instance,
             snapshot=self.snapshot_topic.format(label=track.label) if snapshot is not None else None,
         )
-        return Alert(event, snapshot, frame_time)
+        return Alert(event, snapshot, frame_time, track.silenced)
 
-    def _snapshot(self, frame: Frame, track: _Track) -> bytes | None:
+    def _snapshot(self, track: _Track) -> bytes | None:
+        """The track's best frame so far, annotated, as JPEG (None for silenced tracks)."""
+        if track.best_image is None or track.silenced is not None:
+            return None
         detections = sv.Detections(
-            xyxy=np.array([track.box], dtype=np.float32),
-            confidence=np.array([track.score], dtype=np.float32),
+            xyxy=np.array([track.best_box], dtype=np.float32),
+            confidence=np.array([track.best_score], dtype=np.float32),
             class_id=np.array([0]),
         )
-        scene = self._box_annotator.annotate(frame.image.copy(), detections)
-        scene = self._label_annotator.annotate(scene, detections, labels=[f"{track.label} {track.score:.2f}"])
-        ok, jpeg = cv2.imencode(".jpg", scene, [cv2.IMWRITE_JPEG_QUALITY, SNAPSHOT_QUALITY])
-        return jpeg.tobytes() if ok else None
+        scene = self._annotator.draw(track.best_image, detections, [f"{track.label} {track.best_score:.2f}"])
+        return encode_jpeg(scene)

@@ -1,4 +1,4 @@
-"""The ``monitor`` command: run, check-config, and the model workflow (train, val, export).
+"""The ``monitor`` command: run, serve, check-config, predict, and the model workflow (train, val, export).
 
 The only module that reads the process environment, installs signal
 handlers or exits. Exit codes: 0 clean stop, 2 invalid configuration,
@@ -12,13 +12,14 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from monitor import __version__
+from monitor import __version__, cluster
 from monitor.errors import ConfigError, MonitorError
 from monitor.logs import configure_logging
 from monitor.settings import LogSettings, Settings, load_settings
@@ -42,8 +43,11 @@ def _load(path: Path) -> Settings:
 
 
 @contextlib.contextmanager
-def capture_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set ``stop``; a second one exits at once. Restores the old handlers."""
+def capture_signals(stop: threading.Event, reload: threading.Event | None = None) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``stop``; a second one exits at once; SIGHUP sets ``reload``.
+
+    The handlers only set flags (the loop acts on them); the old handlers are restored on exit.
+    """
 
     def handle(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
@@ -52,7 +56,12 @@ def capture_signals(stop: threading.Event) -> Iterator[None]:
         logger.info("%s received: shutting down", signal.Signals(signum).name)
         stop.set()
 
+    def handle_reload(signum: int, frame: FrameType | None) -> None:
+        if reload is not None:
+            reload.set()
+
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, handle_reload)
     try:
         yield
     finally:
@@ -84,21 +93,175 @@ def cmd_run(args: argparse.Namespace) -> int:
     _offline_ultralytics()
     from monitor.daemon import Daemon, watchdog_interval  # torch loads here, after the config is known good
 
+    try:
+        shard = cluster.resolve(settings.cluster, socket.gethostname())
+    except ValueError as exc:
+        logger.error("cluster: %s", exc)
+        return EXIT_CONFIG
     daemon = Daemon(
         settings,
+        shard=shard,
         notify_socket=os.environ.get("NOTIFY_SOCKET"),
         watchdog_interval=watchdog_interval(os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")),
+        serve_only=args.command == "serve",
     )
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     logger.info("monitor %s starting", __version__)
-    with capture_signals(stop):
+    with capture_signals(stop, reload):
         try:
-            daemon.run(stop)
+            daemon.run(stop, reload, load=lambda: _load(args.config))
         except MonitorError as exc:
             logger.error("start-up failed: %s", exc)
             return EXIT_STARTUP
     logger.info("stopped")
     return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """The camera pipeline on a video file: event timeline and summary."""
+    try:
+        settings = _load(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _offline_ultralytics()
+    from monitor.replay import run_replay  # torch loads here
+
+    try:
+        result = run_replay(args.video, settings, camera=args.camera)
+    except MonitorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    print(result.to_json() if args.json else result.timeline())
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    """Print which shard runs each camera (rendezvous hashing), and the count per shard."""
+    try:
+        settings = _load(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    count = args.count if args.count is not None else settings.cluster.shard_count
+    try:
+        shards = cluster.assign(sorted(settings.cameras), count)
+    except ValueError as exc:
+        print(f"error: --count: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    width = max([len("camera"), *(len(name) for name in settings.cameras)])
+    print(f"{'camera':<{width}}  shard")
+    for name in sorted(settings.cameras):
+        disabled = "" if settings.cameras[name].enabled else "  (disabled)"
+        print(f"{name:<{width}}  {cluster.owner(name, count)}{disabled}")
+    for index, names in shards.items():
+        print(f"shard {index}: {len(names)} camera(s)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """JSON lines like /predict for images, folders and videos; annotated copies with --save."""
+    _offline_ultralytics()
+    import json
+
+    from tqdm import tqdm
+
+    from monitor.detector import Detector
+    from monitor.predict import count_inputs, iter_pictures, to_response
+    from monitor.settings import ModelSettings
+    from monitor.snapshots import Annotator, encode_jpeg, labels_of
+
+    try:
+        if args.config is not None:
+            model = _load(args.config).model
+        else:
+            model = ModelSettings(path=args.model, labels=dict(args.label or []))
+        updates = {k: v for k, v in (("imgsz", args.imgsz), ("device", args.device)) if v is not None}
+        model = model.model_copy(update=updates)
+        detector = Detector(model)
+        annotator = Annotator()
+        if args.save is not None:
+            args.save.mkdir(parents=True, exist_ok=True)
+        pictures = iter_pictures(args.paths, vid_stride=args.vid_stride)
+        for picture in tqdm(
+            pictures, total=count_inputs(args.paths), unit="img", disable=None, file=sys.stderr
+        ):
+            (found,) = detector.detect([picture.image], conf=args.conf)
+            line = {"path": str(picture.path), **to_response(found).model_dump()}
+            if picture.frame is not None:
+                line["frame"] = picture.frame
+            print(json.dumps(line), flush=True)
+            if args.save is not None:
+                suffix = f"_{picture.frame:06d}" if picture.frame is not None else ""
+                out = args.save / f"{picture.path.stem}{suffix}.jpg"
+                out.write_bytes(encode_jpeg(annotator.draw(picture.image, found, labels_of(found))))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except MonitorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The pipeline under a fixed load: throughput, drops, stage latencies, and a naive baseline."""
+    _offline_ultralytics()
+    if not logging.getLogger().handlers:  # decoder restarts are worth seeing; keep a caller's handlers
+        configure_logging(LogSettings(level="WARNING"))
+    from pydantic import ValidationError
+
+    from monitor import bench  # torch loads here
+    from monitor.settings import ModelSettings
+
+    try:
+        if args.config is not None:
+            settings = _load(args.config)
+        else:
+            settings = Settings(model=ModelSettings(path=args.model))
+        updates: dict[str, object] = {
+            k: v
+            for k, v in (("imgsz", args.imgsz), ("device", args.device), ("backend", args.backend))
+            if v is not None
+        }
+        if args.label:
+            updates["labels"] = {**settings.model.labels, **dict(args.label)}
+        model = ModelSettings.model_validate({**settings.model.model_dump(), **updates})
+        options = bench.BenchOptions(
+            streams=args.streams,
+            fps=tuple(args.fps),
+            clip=args.clip,
+            synthetic=args.synthetic,
+            width=args.width,
+            height=args.height,
+            max_batch=args.max_batch,
+            duration=args.duration,
+            warmup=args.warmup,
+            compare_naive=args.compare_naive,
+            naive_frames=args.naive_frames,
+        )
+        report = bench.run_bench(settings.model_copy(update={"model": model}), options)
+    except ValidationError as exc:
+        for error in exc.errors():
+            print(f"error: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except MonitorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    print(report.to_json() if args.json else report.text())
+    return 0
+
+
+def _label_map(text: str) -> tuple[str, str]:
+    model_name, sep, new_name = text.partition("=")
+    if not sep or not model_name or not new_name:
+        raise argparse.ArgumentTypeError(f"expected MODEL_NAME=NEW_NAME, got {text!r}")
+    return model_name, new_name
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -228,11 +391,117 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
         ("run", cmd_run, "run the daemon"),
+        ("serve", cmd_run, "serve only the HTTP API (/predict) on the configured model: no cameras, no MQTT"),
         ("check-config", cmd_check_config, "validate a configuration file and exit"),
     ):
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--config", "-c", type=Path, required=True, help="YAML configuration file")
         command.set_defaults(func=func)
+    replay = sub.add_parser(
+        "replay",
+        help="run the camera pipeline on a video file; print the events and a summary",
+        description="Run detection, tracking and the alert rules of a camera on a video file as fast as "
+        "possible (no broker) and print a timeline of events and a summary, to tune thresholds, zones "
+        "and cooldowns on recorded footage.",
+    )
+    replay.add_argument("video", type=Path, help="a video file")
+    replay.add_argument("--config", "-c", type=Path, required=True, help="YAML configuration file")
+    replay.add_argument(
+        "--camera", help="whose zones, masks and overrides to use (default: the first camera)"
+    )
+    replay.add_argument("--json", action="store_true", help="print JSON instead of the timeline")
+    replay.set_defaults(func=cmd_replay)
+    shards = sub.add_parser(
+        "shards",
+        help="print which shard runs each camera",
+        description="Print each camera's shard (rendezvous hashing over --count shards) "
+        "and the count per shard.",
+    )
+    shards.add_argument("--config", "-c", type=Path, required=True, help="YAML configuration file")
+    shards.add_argument(
+        "--count", "-n", type=int, default=None, help="number of shards (default: cluster.shard_count)"
+    )
+    shards.set_defaults(func=cmd_shards)
+    predict = sub.add_parser(
+        "predict",
+        help="detect objects in images, folders and videos; prints JSON lines like /predict",
+        description="Detect objects in pictures and print one JSON line per picture (or video frame) "
+        'in the /predict format, plus "path" (and "frame" for videos). Nothing is downloaded.',
+    )
+    predict.add_argument("paths", type=Path, nargs="+", help="images, folders (searched recursively), videos")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--config", "-c", type=Path, help="take model.* (path, imgsz, labels...) from this file"
+    )
+    source.add_argument("--model", type=Path, help="weights (.pt or an export)")
+    predict.add_argument("--label", type=_label_map, action="append", help="rename a class: Normal=person")
+    predict.add_argument("--imgsz", type=int, help="inference size (default: the config's, else 640)")
+    predict.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    predict.add_argument("--conf", type=float, default=0.25, help="lowest confidence (default: %(default)s)")
+    predict.add_argument("--vid-stride", type=int, default=1, help="every Nth video frame (default: 1)")
+    predict.add_argument("--save", type=Path, help="write annotated JPEG copies into this folder")
+    predict.set_defaults(func=cmd_predict)
+    bench = sub.add_parser(
+        "bench",
+        help="measure the pipeline under N streams; optionally against Ultralytics' predict loop",
+        description="Run N streams (a clip looped in real time by the real decoder processes, or "
+        "in-process random frames with --synthetic) through the daemon's stages (scheduler, batched "
+        "detector, ByteTrack, alert rules; events are counted, not published) and print processed and "
+        "offered fps, drops, per-stage and capture-to-detection latency percentiles, batch sizes, CPU "
+        "and GPU use, and the machine. --compare-naive also times YOLO.predict per frame and batched, "
+        "and Detector.detect, on the same frames. A model given as an architecture (yolov8s.yaml) gets "
+        "random weights, saved to a temporary .pt both sides load. Nothing is downloaded.",
+    )
+    bench_model = bench.add_mutually_exclusive_group(required=True)
+    bench_model.add_argument(
+        "--config", "-c", type=Path, help="take model, detect and objects from this file (not its cameras)"
+    )
+    bench_model.add_argument(
+        "--model", type=Path, help="weights (.pt or an export), or an architecture such as yolov8s.yaml"
+    )
+    bench.add_argument("--label", type=_label_map, action="append", help="rename a class: Normal=person")
+    bench.add_argument("--imgsz", type=int, help="inference size (default: the config's, else 640)")
+    bench.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's, else auto)")
+    bench.add_argument(
+        "--backend",
+        choices=["auto", "torch", "openvino", "onnx"],
+        help="runtime of .pt weights (default: the config's, else auto: torch on CUDA, else OpenVINO)",
+    )
+    bench.add_argument("--streams", type=int, default=4, help="number of streams (default: %(default)s)")
+    bench.add_argument(
+        "--fps",
+        type=float,
+        nargs="+",
+        default=[15.0],
+        help="detect fps per stream; several values are cycled over the streams (default: 15); "
+        "a file stream cannot go faster than its clip",
+    )
+    bench.add_argument("--clip", type=Path, help="video for file streams (default: tests/data/vtest.mp4)")
+    bench.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random frames made in-process: no decoders (default 1280x720)",
+    )
+    bench.add_argument("--width", type=int, help="scale frames to this width (with --height)")
+    bench.add_argument("--height", type=int, help="scale frames to this height (with --width)")
+    bench.add_argument(
+        "--max-batch", type=int, help="frames per forward pass (default: the config's, else 16)"
+    )
+    bench.add_argument("--duration", type=float, default=30.0, help="seconds measured (default: %(default)s)")
+    bench.add_argument(
+        "--warmup", type=float, default=5.0, help="seconds run before measuring (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--compare-naive",
+        action="store_true",
+        help="also time Ultralytics' YOLO.predict (per frame, and batched) and Detector.detect "
+        "on the same frames",
+    )
+    bench.add_argument(
+        "--naive-frames", type=int, default=200, help="frames in that comparison (default: %(default)s)"
+    )
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    bench.set_defaults(func=cmd_bench)
     _add_model_workflow(sub)
     return parser
 

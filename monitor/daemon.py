@@ -18,23 +18,34 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
+from typing import Any
 
-from monitor.alerts import Alert, AlertRules
+import supervision as sv
+
+from monitor.alerts import Alert
 from monitor.api import Health, HttpServer, create_app
+from monitor.camera import CameraPipeline
+from monitor.cluster import Shard, mine
 from monitor.detector import Detector
+from monitor.errors import MonitorError
 from monitor.metrics import Metrics
 from monitor.publisher import Publisher
-from monitor.scheduler import Scheduler
+from monitor.scheduler import Request, RequestQueue, Scheduler
 from monitor.settings import Settings
-from monitor.sources import Frame, Source
+from monitor.snapshots import SnapshotStore
+from monitor.sources import CameraState, Frame, Source
 from monitor.spool import Spool
-from monitor.tracking import CameraTracker
 
 logger = logging.getLogger(__name__)
 
 #: Longest the loop sleeps without a frame (watchdogs and stop checks run this often).
 LOOP_TICK = 0.2
+#: Least seconds without a processed frame (with cameras online) before WATCHDOG=1 stops.
+STALL_GRACE = 10.0
+#: Uploaded pictures take at most 1/UPLOAD_SHARE of a batch next to camera frames.
+UPLOAD_SHARE = 4
 #: Seconds given to in-flight MQTT messages at shutdown.
 SHUTDOWN_PUBLISH_TIMEOUT = 5.0
 
@@ -63,15 +74,6 @@ class SystemdNotifier:
             logger.warning("sd_notify %s failed: %s", state.split("=")[0], exc)
 
 
-class Camera:
-    """The per-camera stages after the detector: tracker and alert rules."""
-
-    def __init__(self, name: str, settings: Settings, model: str, prefix: str) -> None:
-        fps = settings.camera_fps(name)
-        self.tracker = CameraTracker(settings.objects.tracker, fps, settings.objects.track)
-        self.rules = AlertRules(name, settings.objects, model, f"{prefix}/{name}/{{label}}/snapshot")
-
-
 class Daemon:
     """The monitoring daemon.
 
@@ -79,107 +81,230 @@ class Daemon:
         settings: The validated configuration.
         notify_socket: ``$NOTIFY_SOCKET`` under systemd.
         watchdog_interval: Seconds between ``WATCHDOG=1`` (half of ``WatchdogSec``), or None.
+        serve_only: ``monitor serve``: the HTTP API and the detector; no cameras, no MQTT.
+        shard: This daemon's shard (default: the only one); it runs only the cameras it owns.
     """
 
     def __init__(
         self,
         settings: Settings,
+        shard: Shard | None = None,
         notify_socket: str | None = None,
         watchdog_interval: float | None = None,
+        serve_only: bool = False,
     ) -> None:
         self.settings = settings
+        self.serve_only = serve_only
+        self.shard = shard or Shard(0, 1, "shard-0")
+        # Uploads get at most a quarter of a batch while cameras run (all of it in `serve`).
+        share = settings.detect.max_batch if serve_only else settings.detect.max_batch // UPLOAD_SHARE
+        self._upload_share = max(1, share)
         self.metrics = Metrics()
         self.health = Health()
         self.sources: dict[str, Source] = {}
-        self.cameras: dict[str, Camera] = {}
+        self.cameras: dict[str, CameraPipeline] = {}
         self._notifier = SystemdNotifier(notify_socket)
         self._watchdog_interval = watchdog_interval
         self._last_watchdog = 0.0
+        self._last_processed = time.monotonic()
+        self._processed = self._processed_at_watchdog = 0
+        self.device_memory: Callable[[], float] | None = None
 
-    def run(self, stop: threading.Event) -> None:
+    def run(
+        self,
+        stop: threading.Event,
+        reload: threading.Event | None = None,
+        load: Callable[[], Settings] | None = None,
+    ) -> None:
         """Run until ``stop`` is set.
+
+        Args:
+            stop: Set to shut down (SIGTERM, SIGINT).
+            reload: Set to re-read the configuration with ``load`` (SIGHUP).
+            load: Reads and validates the configuration again (raises ``ConfigError``).
 
         Raises:
             MonitorError: A stage could not start (bad model file, port taken, spool unusable).
         """
+        self._reload_requested = reload or threading.Event()
+        self._load = load
         settings = self.settings
         with ExitStack() as stack:
-            spool = stack.enter_context(Spool(settings.spool.path))
-            publisher = stack.enter_context(Publisher(settings.mqtt, spool, self.metrics))
-            self.health.mqtt_connected = lambda: publisher.connected
-            self.health.mqtt_error = lambda: publisher.last_error
+            publisher: Publisher | None = None
+            if not self.serve_only:
+                spool = stack.enter_context(
+                    Spool(
+                        settings.spool.path,
+                        settings.spool.max_events,
+                        settings.spool.max_age,
+                        synchronous="FULL" if settings.spool.synchronous == "full" else "NORMAL",
+                    )
+                )
+                instance = self.shard.instance_id if self.shard.count > 1 else None
+                publisher = stack.enter_context(Publisher(settings.mqtt, spool, self.metrics, instance))
+                self.health.mqtt_connected = lambda: publisher.connected
+                self.health.mqtt_error = lambda: publisher.last_error
             self.health.cameras = lambda: [s.status() for s in self.sources.values()]
-            stack.enter_context(HttpServer(settings.http, create_app(self.metrics, self.health)))
+            self._snapshots = SnapshotStore(settings.snapshots.path, settings.snapshots.max_count)
+            self.health.snapshot = self._snapshots.load
+            requests = RequestQueue(settings.http.queue_size)
+            stack.callback(requests.close, "the daemon is stopping")
+            self.health.predict = requests.submit
+            app = create_app(self.metrics, self.health, settings.http)
+            stack.enter_context(HttpServer(settings.http, app))
             detector = Detector(settings.model)
             logger.info("warm-up took %.2f s", detector.warmup())
+            self.device_memory = detector.memory_bytes
             self.health.model_ready = True
             self.metrics.ready.set(1)
-            for name, camera in settings.cameras.items():
-                self.cameras[name] = Camera(name, settings, detector.label, publisher.prefix)
-                source = Source(
-                    name, camera, settings.camera_fps(name), self.metrics, publisher.publish_status
+            if publisher is not None:
+                stack.callback(self._end_open_events, publisher)
+                stack.callback(self._close_sources)
+                owned = mine(settings.cameras, self.shard)
+                logger.info(
+                    "shard %d of %d (%s): %d of %d camera(s)",
+                    self.shard.index,
+                    self.shard.count,
+                    self.shard.instance_id,
+                    len(owned),
+                    len(settings.cameras),
                 )
-                self.sources[name] = stack.enter_context(source)
-            stack.callback(self._end_open_events, publisher)
+                for name in owned:
+                    self._add_camera(name, settings, detector.label, publisher)
             self._notifier.notify("READY=1")
             logger.info("running with %d camera(s)", len(self.sources))
-            self._loop(stop, detector, publisher)
+            self._loop(stop, detector, publisher, requests)
             self._notifier.notify("STOPPING=1")
             logger.info("stopping")
-            for source in self.sources.values():  # stop decoders before the stack unwinds
-                source.close()
+            self._close_sources()  # decoders stop first; open events end after
 
-    def _loop(self, stop: threading.Event, detector: Detector, publisher: Publisher) -> None:
+    def _add_camera(self, name: str, settings: Settings, model: str, publisher: Publisher) -> None:
+        camera = settings.cameras[name]
+        self.cameras[name] = CameraPipeline(name, settings, model, publisher.prefix, self.shard.instance_id)
+        source = Source(name, camera, settings.camera_fps(name), self.metrics, publisher.publish_status)
+        self.sources[name] = source.__enter__()
+
+    def _remove_camera(self, name: str, publisher: Publisher) -> None:
+        self.sources.pop(name).close()
+        ended = self.cameras.pop(name).rules.expire(float("inf"))
+        if ended:
+            self._publish(ended, publisher)
+        self.metrics.remove_camera(name)
+
+    def _close_sources(self) -> None:
+        for source in self.sources.values():
+            source.close()
+
+    def _apply_reload(self, model: str, publisher: Publisher | None) -> None:
+        """Re-read the configuration; add, remove and restart only the cameras that changed."""
+        self._reload_requested.clear()
+        if self._load is None or publisher is None:
+            return
+        logger.info("reloading the configuration")
+        try:
+            new = self._load()
+        except MonitorError as exc:
+            logger.error("reload rejected, the running configuration stays: %s", exc)
+            return
+        old = self.settings
+        fixed = [
+            k for k in ("model", "mqtt", "http", "spool", "cluster") if getattr(old, k) != getattr(new, k)
+        ]
+        if fixed:
+            logger.warning("changes to %s take effect after a restart", ", ".join(fixed))
+        rebuild_all = (old.objects, old.detect) != (new.objects, new.detect)
+        # Keep what needs a restart, take the rest.
+        self.settings = new.model_copy(update={k: getattr(old, k) for k in fixed})
+        wanted = set(mine(new.cameras, self.shard))
+        for name in sorted(set(self.sources) - wanted):
+            logger.info("camera removed", extra={"camera": name})
+            self._remove_camera(name, publisher)
+        for name in sorted(wanted):
+            if name in self.sources and not rebuild_all and old.cameras.get(name) == new.cameras[name]:
+                continue
+            if name in self.sources:
+                logger.info("camera changed: restarting it", extra={"camera": name})
+                self._remove_camera(name, publisher)
+            else:
+                logger.info("camera added", extra={"camera": name})
+            self._add_camera(name, self.settings, model, publisher)
+        logger.info("reload done: %d camera(s)", len(self.sources))
+
+    def _loop(
+        self, stop: threading.Event, detector: Detector, publisher: Publisher | None, requests: RequestQueue
+    ) -> None:
         scheduler = Scheduler(self.settings.detect.max_batch)
         while not stop.is_set():
-            connections = [s.connection for s in self.sources.values() if s.connection is not None]
-            mpc.wait(connections, timeout=LOOP_TICK)
+            if self._reload_requested.is_set():
+                self._apply_reload(detector.label, publisher)
+            waitables: list[Any] = [s.connection for s in self.sources.values() if s.connection is not None]
+            # Frames or uploads left over from a full batch go next, without waiting.
+            behind = requests.pending() or any(s.has_new_frame() for s in self.sources.values())
+            mpc.wait([*waitables, requests.waker], timeout=0 if behind else LOOP_TICK)
             now = time.monotonic()
             for source in self.sources.values():
                 source.drain()
                 source.check(now)
                 self.metrics.camera_frame_age.labels(source.name).set(source.last_frame_age(now))
-            frames = scheduler.pick(self.sources.values())
-            if frames:
-                self._process(frames, detector, publisher)
+            frames = scheduler.pick(self.sources.values(), reserve=1 if requests.pending() else 0)
+            uploads = requests.take(min(self._upload_share, self.settings.detect.max_batch - len(frames)))
+            if frames or uploads:
+                self._process(frames, uploads, detector, publisher)
             wall = time.time()
             seen = {f.camera for f in frames}
             for name, camera in self.cameras.items():
-                if name not in seen:
+                if name not in seen and publisher is not None:
                     ended = camera.rules.expire(wall)
                     if ended:
                         self._publish(ended, publisher)
             self.metrics.loop_iterations.inc()
             self._watchdog(now)
 
-    def _process(self, frames: list[Frame], detector: Detector, publisher: Publisher) -> None:
+    def _process(
+        self, frames: list[Frame], uploads: list[Request], detector: Detector, publisher: Publisher | None
+    ) -> None:
         timings: dict[str, float] = {}
-        detections = detector.detect([f.image for f in frames], timings)
+        floor = self.settings.model.conf
+        images = [f.image for f in frames] + [u.image for u in uploads]
+        try:
+            detections = detector.detect(images, timings, conf=min([floor] + [u.conf for u in uploads]))
+        except Exception as exc:
+            for upload in uploads:  # never leave an HTTP request hanging
+                upload.result.set_exception(RuntimeError(f"detection failed: {exc}"))
+            raise
+        for upload, found in zip(uploads, detections[len(frames) :], strict=True):
+            if upload.result.set_running_or_notify_cancel():
+                upload.result.set_result(_at_least(found, upload.conf))
         done = time.time()
         stage = self.metrics.stage_duration
         for name, seconds in timings.items():
             stage.labels(name).observe(seconds)
-        self.metrics.batch_size.observe(len(frames))
-        clock = time.perf_counter
-        for frame, found in zip(frames, detections, strict=True):
+        self.metrics.batch_size.observe(len(images))
+        if frames:
+            self._last_processed = time.monotonic()
+            self._processed += len(frames)
+        for frame, found in zip(frames, detections[: len(frames)], strict=True):
             self.metrics.frames_processed.labels(frame.camera).inc()
             self.metrics.detect_latency.observe(max(0.0, done - frame.capture_time))
-            camera = self.cameras[frame.camera]
-            t0 = clock()
-            tracked = camera.tracker.update(found, frame.capture_time)
-            t1 = clock()
-            alerts = camera.rules.update(tracked, frame)
-            t2 = clock()
-            stage.labels("tracking").observe(t1 - t0)
-            stage.labels("alerts").observe(t2 - t1)
-            if alerts:
+            steps: dict[str, float] = {}
+            alerts = self.cameras[frame.camera].process(_at_least(found, floor), frame, steps)
+            for name, seconds in steps.items():
+                stage.labels(name).observe(seconds)
+            if alerts and publisher is not None:
+                started = time.perf_counter()
                 self._publish(alerts, publisher)
-                stage.labels("publish").observe(clock() - t2)
+                stage.labels("publish").observe(time.perf_counter() - started)
 
     def _publish(self, alerts: list[Alert], publisher: Publisher) -> None:
+        suppressed = [a for a in alerts if a.suppressed is not None]
+        for alert in suppressed:
+            self.metrics.events_suppressed.labels(alert.event.camera, alert.suppressed).inc()
+        alerts = [a for a in alerts if a.suppressed is None]
         for alert in alerts:
             event = alert.event
             self.metrics.events.labels(event.camera, event.label, event.type).inc()
+            if alert.snapshot is not None:
+                self._snapshots.save(event.event_id, alert.snapshot)
             logger.info(
                 "%s %s %s score=%.2f track=%d",
                 event.type,
@@ -189,7 +314,8 @@ class Daemon:
                 event.track_id,
                 extra={"camera": event.camera},
             )
-        publisher.publish(alerts)
+        if alerts:
+            publisher.publish(alerts)
 
     def _end_open_events(self, publisher: Publisher) -> None:
         ended = [a for camera in self.cameras.values() for a in camera.rules.expire(float("inf"))]
@@ -199,9 +325,34 @@ class Daemon:
     def _watchdog(self, now: float) -> None:
         if self._watchdog_interval is None or now - self._last_watchdog < self._watchdog_interval:
             return
-        self._last_watchdog = now
-        online = sum(1 for s in self.sources.values() if s.state.value == "online")
-        self._notifier.notify(f"WATCHDOG=1\nSTATUS={online}/{len(self.sources)} cameras online")
+        online = sum(1 for s in self.sources.values() if s.state is CameraState.ONLINE)
+        if not pipeline_healthy(now, online, self._last_processed, self._watchdog_interval):
+            logger.warning("cameras are online but no frame was processed lately: withholding WATCHDOG=1")
+            return
+        fps = (self._processed - self._processed_at_watchdog) / max(now - self._last_watchdog, 1e-9)
+        self._last_watchdog, self._processed_at_watchdog = now, self._processed
+        self._notifier.notify(
+            f"WATCHDOG=1\nSTATUS={online}/{len(self.sources)} cameras online, {fps:.1f} frames/s"
+        )
+        if self.device_memory is not None:
+            self.metrics.gpu_memory.set(self.device_memory())
+
+
+def pipeline_healthy(now: float, online: int, last_processed: float, interval: float) -> bool:
+    """Whether the loop deserves ``WATCHDOG=1``: nothing to do, or frames processed within 2 intervals.
+
+    A loop that spins while online cameras' frames go unprocessed (a wedged
+    detector, a stuck GPU) is as dead as a frozen one: systemd should restart it.
+    """
+    return online == 0 or now - last_processed <= max(2 * interval, STALL_GRACE)
+
+
+def _at_least(detections: sv.Detections, conf: float) -> sv.Detections:
+    """The detections scoring ``conf`` or more."""
+    if detections.confidence is None or len(detections) == 0:
+        return detections
+    kept: sv.Detections = detections[detections.confidence >= conf]  # type: ignore[assignment]
+    return kept
 
 
 def watchdog_interval(watchdog_usec: str | None, watchdog_pid: str | None) -> float | None:

@@ -18,12 +18,16 @@ name (after ``model.labels``) in ``data["class_name"]``.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import cv2
 import numpy as np
 import supervision as sv
 import torch
@@ -35,6 +39,7 @@ from monitor.settings import ModelSettings
 logger = logging.getLogger(__name__)
 
 PAD_VALUE = 114  # Ultralytics' letterbox grey
+Runtime = Literal["torch", "openvino", "onnx", "exported"]
 _HASH_CHUNK = 1 << 20
 
 
@@ -85,6 +90,90 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def choose_runtime(backend: str, device: torch.device, path: Path) -> Runtime:
+    """The inference runtime: ``auto`` is torch on CUDA, else OpenVINO when it is installed.
+
+    Exported weights (.onnx, _openvino_model/, .engine) run as they are: the
+    runtime is theirs, whatever ``backend`` says.
+    """
+    if path.suffix != ".pt":
+        return "exported"
+    if backend == "auto":
+        if device.type == "cuda":
+            return "torch"
+        if importlib.util.find_spec("openvino") is None:
+            logger.info("OpenVINO is not installed: running the model with torch on the CPU")
+            return "torch"
+        return "openvino"
+    if backend in ("openvino", "onnx"):
+        module = "openvino" if backend == "openvino" else "onnxruntime"
+        if importlib.util.find_spec(module) is None:
+            raise DetectorError(f"model.backend is {backend!r} but the {module!r} package is not installed")
+        if device.type == "cuda":
+            raise DetectorError(f"model.backend {backend!r} runs on the CPU; set model.device to cpu or auto")
+    return backend  # type: ignore[return-value]
+
+
+def exported_model(weights: Path, runtime: Runtime, imgsz: int, sha256: str) -> Path:
+    """The weights exported for ``runtime`` at ``imgsz``, exported once through Ultralytics.
+
+    The export is cached beside the weights (else in the temp folder, when that
+    folder is read-only), named by the weights' SHA-256 and imgsz, so new
+    weights or another size export again. Exports are dynamic (any batch and
+    rectangle) and written to a temporary name first, then renamed: two
+    daemons starting at once cannot see half an export.
+
+    Raises:
+        DetectorError: The export failed.
+    """
+    from ultralytics import YOLO  # type: ignore[attr-defined]
+
+    suffix = "_openvino_model" if runtime == "openvino" else ".onnx"
+    name = f"{weights.stem}-{sha256[:12]}-{imgsz}{suffix}"
+    for folder in (weights.parent, Path(tempfile.gettempdir()) / "monitor-models"):
+        target = folder / name
+        if target.exists():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
+        except OSError:
+            continue
+        threads = torch.get_num_threads()  # Ultralytics' select_device lowers it process-wide
+        try:
+            copy = work / weights.name
+            shutil.copyfile(weights, copy)
+            started = time.perf_counter()
+            try:
+                model = YOLO(str(copy))
+            except Exception as exc:  # the same words as a failed direct load
+                reason = f"{type(exc).__name__}: {exc}"
+                raise DetectorError(
+                    f"model.path {str(weights)!r} could not be loaded as a YOLO model: {reason}"
+                ) from exc
+            out = Path(model.export(format=runtime, imgsz=imgsz, dynamic=True, half=False, verbose=False))
+            if not target.exists():
+                out.rename(target)
+            logger.info(
+                "exported %s for %s in %.1f s: %s",
+                weights.name,
+                runtime,
+                time.perf_counter() - started,
+                target,
+            )
+            return target
+        except DetectorError:
+            raise
+        except Exception as exc:
+            raise DetectorError(
+                f"exporting {weights} for {runtime} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            torch.set_num_threads(threads)
+            shutil.rmtree(work, ignore_errors=True)
+    raise DetectorError(f"no writable folder to cache the {runtime} export of {weights}")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` is the first CUDA device when there is one, else the CPU."""
     if name == "auto":
@@ -120,6 +209,9 @@ class Detector:
         self.device = resolve_device(settings.device)
         self.half = self.device.type == "cuda"
         self.dtype = torch.float16 if self.half else torch.float32
+        self.runtime = choose_runtime(settings.backend, self.device, path)
+        if self.runtime != "torch" and path.suffix == ".pt":
+            path = exported_model(path, self.runtime, settings.imgsz, self.sha256)
         try:
             self.backend = AutoBackend(
                 str(path), device=self.device, fp16=self.half, fuse=True, verbose=False
@@ -145,15 +237,22 @@ class Detector:
                     f"model.path {str(path)!r} was exported for imgsz {list(exported)}; "
                     f"set model.imgsz to {exported[0]} or export again with imgsz={settings.imgsz}"
                 )
-        self.label = f"{path.name}@{self.sha256[:12]}"
+        self.label = f"{settings.path.name}@{self.sha256[:12]}"
         logger.info(
-            "model %s loaded on %s (%s, sha256 %s, classes %s)",
+            "model %s loaded on %s with %s (%s, sha256 %s, classes %s)",
             path,
             self.device,
+            self.runtime,
             "fp16" if self.half else "fp32",
             self.sha256,
             sorted(set(self.names.values())),
         )
+
+    def memory_bytes(self) -> float:
+        """Device memory held by this process (CUDA caching allocator), 0 on the CPU."""
+        if self.device.type != "cuda":
+            return 0.0
+        return float(torch.cuda.memory_reserved(self.device))
 
     def warmup(self, height: int = 576, width: int = 768) -> float:
         """Run one frame through every step so the first real batch is not slow.
@@ -166,13 +265,15 @@ class Detector:
         return time.perf_counter() - start
 
     def detect(
-        self, images: list[np.ndarray], timings: dict[str, float] | None = None
+        self, images: list[np.ndarray], timings: dict[str, float] | None = None, conf: float | None = None
     ) -> list[sv.Detections]:
         """Detect objects in frames of any sizes, in one forward pass.
 
         Args:
             images: HxWx3 uint8 BGR frames.
             timings: If given, receives seconds per stage (preprocess, inference, postprocess).
+            conf: Confidence floor for this call (default ``model.conf``). NMS never lets a
+                weaker box suppress a stronger one, so callers may filter higher afterwards.
 
         Returns:
             One ``sv.Detections`` per frame: xyxy in frame pixels, confidence,
@@ -193,7 +294,8 @@ class Detector:
                 self._sync()
                 t2 = clock()
                 timings["inference"] = t2 - t1
-            results = self._postprocess(raw, placements, images)
+            floor = self.settings.conf if conf is None else conf
+            results = self._postprocess(raw, placements, images, floor)
         if timings is not None:
             timings["postprocess"] = clock() - t2
         return results
@@ -204,17 +306,20 @@ class Detector:
 
     def _preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[Placement]]:
         imgsz = self.settings.imgsz
-        placements = [place(im.shape[0], im.shape[1], imgsz, self.stride, self.rect) for im in images]
-        height = max(p.input_height for p in placements)
-        width = max(p.input_width for p in placements)
-        batch = torch.full(
-            (len(images), 3, height, width), PAD_VALUE / 255, dtype=self.dtype, device=self.device
-        )
-        for i, (image, p) in enumerate(zip(images, placements, strict=True)):
+        for image in images:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise DetectorError(
                     f"expected an HxWx3 uint8 BGR image, got shape {image.shape} {image.dtype}"
                 )
+        placements = [place(im.shape[0], im.shape[1], imgsz, self.stride, self.rect) for im in images]
+        height = max(p.input_height for p in placements)
+        width = max(p.input_width for p in placements)
+        if self.device.type == "cpu":
+            return self._preprocess_cpu(images, placements, height, width), placements
+        batch = torch.full(
+            (len(images), 3, height, width), PAD_VALUE / 255, dtype=self.dtype, device=self.device
+        )
+        for i, (image, p) in enumerate(zip(images, placements, strict=True)):
             tensor = torch.from_numpy(image).to(self.device, non_blocking=True)
             tensor = tensor.permute(2, 0, 1).flip(0).unsqueeze(0).to(self.dtype)  # 1x3xHxW RGB
             if (p.height, p.width) != image.shape[:2]:
@@ -223,14 +328,29 @@ class Detector:
             batch[i, :, p.top : p.top + p.height, p.left : p.left + p.width] = tensor[0] / 255
         return batch, placements
 
+    @staticmethod
+    def _preprocess_cpu(
+        images: list[np.ndarray], placements: list[Placement], height: int, width: int
+    ) -> torch.Tensor:
+        """On the CPU, cv2's uint8 resize into one padded batch: faster than torch, and Ultralytics' own."""
+        batch = np.full((len(images), height, width, 3), PAD_VALUE, dtype=np.uint8)
+        for i, (image, p) in enumerate(zip(images, placements, strict=True)):
+            target = batch[i, p.top : p.top + p.height, p.left : p.left + p.width]
+            if (p.height, p.width) == image.shape[:2]:
+                target[...] = image
+            else:
+                cv2.resize(image, (p.width, p.height), dst=target, interpolation=cv2.INTER_LINEAR)
+        tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).flip(1)  # BGR -> RGB, NCHW
+        return tensor.float().div_(255).contiguous()
+
     def _postprocess(
-        self, raw: Any, placements: list[Placement], images: list[np.ndarray]
+        self, raw: Any, placements: list[Placement], images: list[np.ndarray], conf: float
     ) -> list[sv.Detections]:
         from ultralytics.utils.nms import non_max_suppression
 
         kept = non_max_suppression(
             raw,
-            self.settings.conf,
+            conf,
             self.settings.iou,
             max_det=self.settings.max_det,
             end2end=bool(getattr(self.backend, "end2end", False)),

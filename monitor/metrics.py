@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 from monitor import __version__
 
+SUPPRESSION_REASONS = ("cooldown", "rate_limit")
 STAGES = ("preprocess", "inference", "postprocess", "tracking", "alerts", "publish")
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -61,6 +62,12 @@ class Metrics:
             registry=r,
         )
         self.events = Counter("monitor_events", "Events emitted.", ["camera", "label", "type"], registry=r)
+        self.events_suppressed = Counter(
+            "monitor_events_suppressed",
+            "Events not sent: reason cooldown (per camera and label) or rate_limit (per camera).",
+            ["camera", "reason"],
+            registry=r,
+        )
         self.camera_up = Gauge(
             "monitor_camera_up", "1 while the camera delivers frames.", ["camera"], registry=r
         )
@@ -77,6 +84,21 @@ class Metrics:
         self.spool_pending = Gauge(
             "monitor_spool_pending", "Messages stored on disk and not yet acknowledged.", registry=r
         )
+        self.spool_dropped = Counter(
+            "monitor_spool_dropped",
+            "Messages dropped from the spool before their PUBACK (spool.max_events or spool.max_age).",
+            registry=r,
+        )
+        self.spool_oldest_age = Gauge(
+            "monitor_spool_oldest_age_seconds",
+            "Age of the oldest message in the spool; 0 when it is empty.",
+            registry=r,
+        )
+        self.gpu_memory = Gauge(
+            "monitor_gpu_memory_bytes", "GPU memory reserved by the detector (0 on the CPU).", registry=r
+        )
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds... of this process.
+        ProcessCollector(registry=r)
         self.ready = Gauge("monitor_ready", "1 once the model is loaded and warmed up.", registry=r)
         self.loop_iterations = Counter(
             "monitor_loop_iterations", "Iterations of the pipeline loop.", registry=r
@@ -88,6 +110,8 @@ class Metrics:
         """Create the camera's series at zero so dashboards see it before its first frame."""
         for family in (self.frames, self.frames_processed, self.frames_dropped, self.camera_reconnects):
             family.labels(camera)
+        for reason in SUPPRESSION_REASONS:
+            self.events_suppressed.labels(camera, reason)
         self.camera_up.labels(camera).set(0)
 
     def remove_camera(self, camera: str) -> None:
@@ -102,3 +126,6 @@ class Metrics:
         ):
             with contextlib.suppress(KeyError):  # never had a sample
                 family.remove(camera)
+        for reason in SUPPRESSION_REASONS:
+            with contextlib.suppress(KeyError):
+                self.events_suppressed.remove(camera, reason)

@@ -1,13 +1,24 @@
-"""The scheduler: which cameras' frames go into the next forward pass.
+"""The scheduler: which frames and uploaded pictures go into the next forward pass.
 
 Decoders already deliver frames at each camera's detect fps, and keep only
 the newest, so the scheduler takes every camera that has an unseen frame,
 oldest first (no camera starves when more are ready than ``max_batch``).
+Pictures uploaded to ``/predict`` wait in a bounded ``RequestQueue`` and ride
+along in the same batches; while any waits, one place of each batch is kept
+for them, so neither side can starve the other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import socket
 from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import supervision as sv
 
 from monitor.sources import Frame, Source
 
@@ -20,14 +31,96 @@ class Scheduler:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
 
-    def pick(self, sources: Iterable[Source]) -> list[Frame]:
-        """Take the newest frame of each ready camera, oldest waiting first."""
-        ready = sorted((s for s in sources if s.has_new_frame()), key=Source.waiting_since)
+    def pick(self, sources: Iterable[Source], reserve: int = 0) -> list[Frame]:
+        """Take the newest frame of each ready camera, oldest waiting first.
+
+        Args:
+            sources: The cameras.
+            reserve: Places of the batch to leave free (for waiting uploads).
+        """
+        ready = sorted((s for s in sources if s.has_new_frame()), key=lambda s: s.waiting_since())
         frames: list[Frame] = []
+        limit = max(0, self.max_batch - reserve)
         for source in ready:
-            if len(frames) == self.max_batch:
+            if len(frames) == limit:
                 break
             frame = source.take()
             if frame is not None:
                 frames.append(frame)
         return frames
+
+
+@dataclass(slots=True)
+class Request:
+    """A picture sent to ``/predict``, waiting for a place in a batch.
+
+    Attributes:
+        image: HxWx3 uint8 BGR.
+        conf: Lowest confidence the caller wants back.
+        result: Set by the daemon loop to the picture's detections (or an error).
+    """
+
+    image: np.ndarray
+    conf: float
+    result: Future[sv.Detections] = field(default_factory=Future)
+
+
+class QueueFull(Exception):
+    """Every place in the request queue is taken."""
+
+
+class RequestQueue:
+    """Pictures from HTTP threads to the daemon loop, bounded; wakes the loop on arrival.
+
+    Args:
+        maxsize: Most requests waiting; ``submit`` raises ``QueueFull`` beyond.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._queue: queue.Queue[Request] = queue.Queue(maxsize)
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+
+    @property
+    def waker(self) -> socket.socket:
+        """Readable when a request arrived (for ``multiprocessing.connection.wait``)."""
+        return self._wake_reader
+
+    def submit(self, image: np.ndarray, conf: float) -> Future[sv.Detections]:
+        """Queue a picture; its detections arrive on the returned future.
+
+        Raises:
+            QueueFull: ``maxsize`` requests are already waiting.
+        """
+        request = Request(image, conf)
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise QueueFull(f"{self._queue.maxsize} pictures are already waiting") from None
+        with contextlib.suppress(BlockingIOError):  # a full buffer already means "wake up"
+            self._wake_writer.send(b"\0")
+        return request.result
+
+    def take(self, limit: int) -> list[Request]:
+        """Up to ``limit`` waiting requests, oldest first."""
+        with contextlib.suppress(BlockingIOError):
+            self._wake_reader.recv(4096)
+        taken: list[Request] = []
+        while len(taken) < limit:
+            try:
+                taken.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def pending(self) -> bool:
+        """True when a request waits."""
+        return not self._queue.empty()
+
+    def close(self, reason: str) -> None:
+        """Fail every waiting request and release the wake sockets."""
+        for request in self.take(self._queue.maxsize):
+            request.result.set_exception(RuntimeError(reason))
+        self._wake_reader.close()
+        self._wake_writer.close()

@@ -14,6 +14,7 @@ where it came from the YAML file, its line.
 
 from __future__ import annotations
 
+import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
@@ -36,10 +37,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from monitor.cluster import ClusterSettings
 from monitor.errors import ConfigError
 
 CAMERA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+ENV_PREFIX = "MONITOR_"
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
 
 
@@ -55,6 +58,10 @@ class ModelSettings(_Section):
     )
     imgsz: int = Field(640, ge=32, le=4096, description="Inference size (long side), multiple of 32.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    backend: Literal["auto", "torch", "openvino", "onnx"] = Field(
+        "auto",
+        description="auto: torch on CUDA, else OpenVINO (exported once, cached beside the weights).",
+    )
     conf: float = Field(0.25, ge=0.0, le=1.0, description="Detector confidence floor (before tracking).")
     iou: float = Field(0.7, gt=0.0, le=1.0, description="NMS IoU threshold.")
     max_det: int = Field(300, ge=1, description="Most detections kept per frame.")
@@ -87,10 +94,72 @@ class DetectSettings(_Section):
 class FilterSettings(_Section):
     """When a tracked object becomes an alert."""
 
-    min_score: float = Field(0.5, ge=0.0, le=1.0, description="Detections below this are ignored.")
+    min_score: float = Field(0.5, ge=0.0, le=1.0, description="Scores below this count as a miss (0).")
     threshold: float = Field(
         0.7, ge=0.0, le=1.0, description="Median of the track's recent scores needed to alert."
     )
+    min_frames: int = Field(1, ge=1, description="Frames the track must have been seen in before `new`.")
+    min_area: float = Field(
+        0.0, ge=0, description="Smallest box: pixels, or a fraction of the frame when at most 1."
+    )
+    max_area: float | None = Field(
+        None, gt=0, description="Largest box: pixels, or a fraction of the frame when at most 1."
+    )
+
+    def area_ok(self, box_area: float, frame_area: float) -> bool:
+        """True when a box of ``box_area`` pixels passes min_area/max_area in a frame of ``frame_area``."""
+        low = self.min_area * frame_area if self.min_area <= 1 else self.min_area
+        if box_area < low:
+            return False
+        if self.max_area is None:
+            return True
+        high = self.max_area * frame_area if self.max_area <= 1 else self.max_area
+        return box_area <= high
+
+
+Category = Literal["wildlife", "person", "vehicle", "other"]
+
+#: Labels of COCO and of the seed's 18-class wildlife model, by category.
+DEFAULT_CATEGORIES: dict[str, Category] = {
+    "person": "person",
+    **{
+        label: "wildlife"
+        for label in (
+            # COCO's animals
+            "bird",
+            "cat",
+            "dog",
+            "horse",
+            "sheep",
+            "cow",
+            "elephant",
+            "bear",
+            "zebra",
+            "giraffe",
+            # the seed model's wildlife classes
+            "buffalo",
+            "deer",
+            "gaur",
+            "raccoon",
+            "boar",
+            "wild_boar",
+            "fox",
+            "leopard",
+            "tiger",
+            "monkey",
+            "peacock",
+            "porcupine",
+            "rabbit",
+            "squirrel",
+            "wolf",
+            "hyena",
+            "rhino",
+            "antelope",
+            "bison",
+        )
+    },
+    **{label: "vehicle" for label in ("car", "truck", "bus", "motorcycle", "bicycle", "train", "boat")},
+}
 
 
 class TrackerSettings(_Section):
@@ -124,13 +193,121 @@ class ObjectsSettings(_Section):
         2.0, gt=0, description="Seconds a track may be unseen before its `end` event."
     )
     tracker: TrackerSettings = Field(default_factory=TrackerSettings)
+    categories: dict[str, Category] = Field(
+        default_factory=dict,
+        description="Label -> wildlife | person | vehicle | other; added to the built-in table.",
+    )
+    cooldown: float = Field(
+        0.0,
+        ge=0,
+        description="After a `new` of a label on a camera, others of that label stay silent this long.",
+    )
+    max_events_per_minute: int | None = Field(
+        None, ge=1, description="Most `new` events per camera per minute; the rest stay silent."
+    )
+    stationary_after: float = Field(
+        30.0, gt=0, description="Seconds without moving after which a track is stationary (no updates)."
+    )
+    stationary_iou: float = Field(
+        0.85, gt=0, le=1, description="A box overlapping its resting place this much has not moved."
+    )
+    stationary_max_disappeared: float = Field(
+        60.0, gt=0, description="Seconds a stationary object may be unseen before its `end` event."
+    )
 
     def filter_for(self, label: str) -> FilterSettings:
         """The filter of ``label``, or the defaults."""
         return self.filters.get(label, _DEFAULT_FILTER)
 
+    def category_of(self, label: str) -> Category:
+        """The label's category (``other`` when nobody said)."""
+        return self.categories.get(label) or DEFAULT_CATEGORIES.get(label, "other")
+
+    def merged(self, override: CameraObjectsSettings | None) -> ObjectsSettings:
+        """These settings with a camera's overrides applied (its filters replace per label)."""
+        if override is None:
+            return self
+        updates: dict[str, Any] = {"filters": {**self.filters, **override.filters}}
+        if override.track is not None:
+            updates["track"] = override.track
+        return self.model_copy(update=updates)
+
+
+class CameraObjectsSettings(_Section):
+    """Per-camera overrides of ``objects``."""
+
+    track: list[str] | None = Field(None, description="Replaces objects.track for this camera.")
+    filters: dict[str, FilterSettings] = Field(
+        default_factory=dict, description="Replace objects.filters per label for this camera."
+    )
+
+
+Point = tuple[float, float]
+
+
+def _polygon(points: list[Point]) -> list[Point]:
+    if len(points) < 3:
+        raise ValueError(f"a polygon needs at least 3 points, got {len(points)}")
+    if any(x < 0 or y < 0 for x, y in points):
+        raise ValueError("coordinates must not be negative")
+    fractions = [x <= 1 and y <= 1 for x, y in points]
+    if any(fractions) and not all(fractions):
+        raise ValueError("give every point in pixels, or every point as fractions of the frame (0..1)")
+    return points
+
+
+class ZoneSettings(_Section):
+    """A named area of a camera's picture."""
+
+    coordinates: list[Point] = Field(
+        description="Polygon corners [[x, y], ...]: pixels, or fractions of the frame when all are <= 1."
+    )
+    objects: list[str] | None = Field(None, description="Labels that count in this zone (default: all).")
+
+    @field_validator("coordinates")
+    @classmethod
+    def _coordinates(cls, value: list[Point]) -> list[Point]:
+        return _polygon(value)
+
 
 _DEFAULT_FILTER = FilterSettings()
+
+
+class TlsSettings(_Section):
+    """TLS to the broker (paho's ``tls_set``); the files are checked even while it is disabled."""
+
+    enabled: bool = Field(False, description="Connect with TLS (the broker's TLS listener, often 8883).")
+    ca_file: Path | None = Field(
+        None, description="PEM file of the CA(s) that signed the broker's certificate; none: the system's."
+    )
+    cert_file: Path | None = Field(None, description="Client certificate (PEM), with key_file.")
+    key_file: Path | None = Field(None, description="Private key (PEM, unencrypted) of cert_file.")
+    insecure: bool = Field(
+        False,
+        description="Skip the check that the certificate names mqtt.host (the chain is still verified).",
+    )
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_file():
+            problem = "is not a file" if value.exists() else "does not exist"
+            raise ValueError(f"{str(value)!r} {problem}")
+        try:
+            value.open("rb").close()
+        except OSError as exc:
+            raise ValueError(f"{str(value)!r} cannot be read: {exc.strerror or exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError(
+                "set both cert_file and key_file (a client certificate needs its key), or neither"
+            )
+        return self
 
 
 class MqttSettings(_Section):
@@ -143,6 +320,14 @@ class MqttSettings(_Section):
     username: str | None = None
     password: SecretStr | None = None
     keepalive: int = Field(30, ge=5, le=3600, description="Seconds between MQTT pings.")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version.")
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_number(cls, value: Any) -> Any:
+        # YAML reads `protocol: 5` as a number.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("topic_prefix")
     @classmethod
@@ -159,10 +344,17 @@ class MqttSettings(_Section):
 
 
 class HttpSettings(_Section):
-    """The HTTP server for /metrics, /healthz, /readyz."""
+    """The HTTP server: /metrics, /healthz, /readyz, /predict, /api."""
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port (tests).")
+    token: SecretStr | None = Field(
+        None, description="If set, /predict* and /api/* need `Authorization: Bearer <token>`."
+    )
+    max_upload_bytes: int = Field(20_000_000, ge=1024, description="Larger uploads get 413.")
+    max_pixels: int = Field(50_000_000, ge=1, description="Pictures with more pixels get 413.")
+    queue_size: int = Field(8, ge=1, le=1024, description="Uploads waiting for the detector; more get 503.")
+    request_timeout: float = Field(30.0, gt=0, description="Most seconds an upload waits for its result.")
 
 
 class SpoolSettings(_Section):
@@ -171,6 +363,26 @@ class SpoolSettings(_Section):
     path: Path = Field(
         Path("monitor-spool.db"), description="SQLite file; relative to the working directory."
     )
+    max_events: int = Field(
+        10_000,
+        ge=1,
+        description="Most messages (events and snapshots) kept; when full, the oldest are dropped.",
+    )
+    max_age: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Seconds a message is kept; older ones are dropped."
+    )
+    synchronous: Literal["full", "normal"] = Field(
+        "full",
+        description="full: an event survives a power cut (one fsync each, ~+4 ms p99 on a slow disk); "
+        "normal: it survives a daemon crash only.",
+    )
+
+
+class SnapshotSettings(_Section):
+    """Where event snapshots are kept for /api/events/{event_id}/snapshot.jpg."""
+
+    path: Path = Field(Path("snapshots"), description="Folder; relative to the working directory.")
+    max_count: int = Field(1000, ge=1, description="Most snapshots kept; the oldest are deleted first.")
 
 
 class LogSettings(_Section):
@@ -205,6 +417,26 @@ class CameraSettings(_Section):
     backoff_max: float = Field(
         60.0, gt=0, description="Longest wait between reconnects (starts at 1 s, doubles, +/-20% jitter)."
     )
+    objects: CameraObjectsSettings | None = Field(None, description="Overrides of objects.track/filters.")
+    zones: dict[str, ZoneSettings] = Field(default_factory=dict, description="Named areas; events list them.")
+    required_zones: list[str] = Field(
+        default_factory=list, description="If set, only objects that entered one of these zones alert."
+    )
+    masks: list[list[Point]] = Field(
+        default_factory=list, description="Polygons where nothing is ever detected (trees in the wind)."
+    )
+
+    @field_validator("masks")
+    @classmethod
+    def _masks(cls, value: list[list[Point]]) -> list[list[Point]]:
+        return [_polygon(points) for points in value]
+
+    @model_validator(mode="after")
+    def _required_zones_exist(self) -> CameraSettings:
+        unknown = sorted(set(self.required_zones) - set(self.zones))
+        if unknown:
+            raise ValueError(f"required_zones {unknown} are not defined in zones {sorted(self.zones)}")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -243,7 +475,7 @@ class Settings(BaseSettings):
     """Everything the daemon is configured with."""
 
     model_config = SettingsConfigDict(
-        env_prefix="MONITOR_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
@@ -257,7 +489,9 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     cameras: dict[str, CameraSettings] = Field(default_factory=dict)
 
     @field_validator("cameras")
@@ -319,6 +553,16 @@ def load_settings(path: Path, secrets_dir: Path | None = None, **overrides: Any)
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"])
+    # pydantic-settings ignores variables whose first part names no section; we do not.
+    sections = set(Settings.model_fields)
+    stray = sorted(
+        name
+        for name in os.environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name[len(ENV_PREFIX) :].split("__")[0].lower() not in sections
+    )
+    if stray:
+        raise ConfigError([f"{name} (environment): unknown key" for name in stray])
     yaml_token = _YAML_DATA.set(data)
     secrets_token = _SECRETS_DIR.set(secrets_dir)
     try:

@@ -4,6 +4,15 @@ SQLite in WAL mode with ``synchronous=FULL``: a message is on disk before it
 is handed to MQTT and is deleted only when its PUBACK arrives, so neither a
 broker outage nor a daemon crash (nor a power cut) loses it. On start the
 publisher replays whatever is left, oldest first.
+
+The spool is bounded so that a broker gone for weeks cannot fill the disk:
+past ``max_events`` messages, or for messages older than ``max_age`` seconds,
+the oldest rows are dropped in the same transaction that adds new ones (or by
+``trim``), and the caller is told how many.
+
+Deletes after a PUBACK are committed with ``synchronous=NORMAL``: in WAL mode
+a later ``FULL`` commit syncs them too, and one lost to a power cut only
+means the message is sent once more (at-least-once), never that one is lost.
 """
 
 from __future__ import annotations
@@ -11,10 +20,16 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from monitor.errors import PublishError
+
+#: Defaults of ``spool.max_events`` and ``spool.max_age`` (seconds).
+DEFAULT_MAX_EVENTS = 10_000
+DEFAULT_MAX_AGE = 7 * 24 * 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -57,25 +72,63 @@ class Outgoing:
     capture_time: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What ``Spool.put`` did.
+
+    Attributes:
+        messages: The new messages still in the spool, with their ids, oldest first
+            (all of them unless the batch alone was larger than ``max_events``).
+        dropped: Rows dropped to stay within ``max_events`` and ``max_age``.
+    """
+
+    messages: list[Message]
+    dropped: int
+
+
 class Spool:
-    """A durable FIFO of MQTT messages. Thread-safe.
+    """A durable, bounded FIFO of MQTT messages. Thread-safe.
 
     Args:
         path: The SQLite file; its directory is created.
+        max_events: Most rows kept; past it the oldest are dropped.
+        max_age: Seconds a row is kept; older rows are dropped.
+        clock: Wall-clock time (``time.time``); tests pass their own.
+        synchronous: SQLite's ``synchronous`` for writes: ``FULL`` survives a power cut,
+            ``NORMAL`` only a crash of the process (the benchmark compares them).
 
     Raises:
         PublishError: The file cannot be opened or is not a spool.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        max_age: float = DEFAULT_MAX_AGE,
+        clock: Callable[[], float] = time.time,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+    ) -> None:
+        if max_events < 1:
+            raise ValueError(f"max_events must be >= 1, got {max_events}")
+        if max_age <= 0:
+            raise ValueError(f"max_age must be > 0 seconds, got {max_age}")
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
         self.path = path
+        self.max_events = max_events
+        self.max_age = max_age
+        self._clock = clock
+        self._synchronous = synchronous
         self._lock = threading.Lock()
+        self._closed = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.execute(_SCHEMA)
+            self._count = int(self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
         except (sqlite3.Error, OSError) as exc:
             raise PublishError(f"spool.path {str(path)!r} cannot be used: {exc}") from exc
 
@@ -88,11 +141,16 @@ class Spool:
     def close(self) -> None:
         """Close the database."""
         with self._lock:
+            self._closed = True
             self._db.close()
 
-    def put(self, messages: list[Outgoing]) -> list[Message]:
-        """Store messages in one transaction; return them with their ids."""
-        now = time.time()
+    def put(self, messages: list[Outgoing]) -> Stored:
+        """Store messages in one transaction, dropping the oldest rows past the bounds.
+
+        Raises:
+            PublishError: The spool cannot be written (nothing was stored).
+        """
+        now = self._clock()
         stored = []
         with self._lock:
             try:
@@ -105,27 +163,97 @@ class Spool:
                     )
                     assert cursor.lastrowid is not None
                     stored.append(Message(cursor.lastrowid, m.topic, m.payload, m.retain, m.capture_time))
+                dropped, first_kept = self._trim(now, self._count + len(stored))
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise PublishError(f"cannot write to the spool {str(self.path)!r}: {exc}") from exc
-        return stored
+            self._count += len(stored) - dropped
+        return Stored([m for m in stored if m.id >= first_kept], dropped)
 
-    def remove(self, message_id: int) -> None:
-        """Forget an acknowledged message."""
+    def trim(self) -> int:
+        """Drop rows older than ``max_age`` (and past ``max_events``); return how many.
+
+        Raises:
+            PublishError: The spool cannot be written.
+        """
+        now = self._clock()
         with self._lock:
-            self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                dropped, _ = self._trim(now, self._count)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise PublishError(f"cannot trim the spool {str(self.path)!r}: {exc}") from exc
+            self._count -= dropped
+        return dropped
 
-    def pending(self) -> list[Message]:
-        """Every stored message, oldest first."""
+    def _trim(self, now: float, count: int) -> tuple[int, int]:
+        """Inside a transaction: drop expired rows, then the oldest past ``max_events``.
+
+        Returns:
+            The number of rows dropped, and the least id that may still be there.
+        """
+        dropped = 0
+        first_kept = 0
+        oldest = self._db.execute("SELECT created FROM messages ORDER BY id LIMIT 1").fetchone()
+        if oldest is not None and oldest[0] < now - self.max_age:
+            # Rows are in id order and nearly in created order (the clock may step):
+            # the first row tells cheaply whether anything expired at all.
+            dropped += self._db.execute(
+                "DELETE FROM messages WHERE created < ?", (now - self.max_age,)
+            ).rowcount
+        excess = count - dropped - self.max_events
+        if excess > 0:
+            (last,) = self._db.execute(
+                "SELECT id FROM messages ORDER BY id LIMIT 1 OFFSET ?", (excess - 1,)
+            ).fetchone()
+            dropped += self._db.execute("DELETE FROM messages WHERE id <= ?", (last,)).rowcount
+            first_kept = last + 1
+        return dropped, first_kept
+
+    def remove(self, message_id: int) -> bool:
+        """Forget an acknowledged message; False when it was no longer there (dropped).
+
+        Raises:
+            PublishError: The spool cannot be written.
+        """
+        with self._lock:
+            try:
+                # Not synced on its own: a lost delete only means one duplicate.
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    removed = (
+                        self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,)).rowcount > 0
+                    )
+                finally:
+                    self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+            except sqlite3.Error as exc:
+                raise PublishError(f"cannot delete from the spool {str(self.path)!r}: {exc}") from exc
+            self._count -= int(removed)
+        return removed
+
+    def pending(self, after: int = 0, limit: int = -1) -> list[Message]:
+        """Stored messages with an id above ``after``, oldest first, at most ``limit`` (-1: all)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, topic, payload, retain, capture_time FROM messages ORDER BY id"
+                "SELECT id, topic, payload, retain, capture_time FROM messages WHERE id > ?"
+                " ORDER BY id LIMIT ?",
+                (after, limit),
             ).fetchall()
         return [Message(r[0], r[1], bytes(r[2]), bool(r[3]), r[4]) for r in rows]
 
     def count(self) -> int:
         """Messages stored."""
+        return self._count
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest stored message was written; 0 when empty (or closed)."""
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+            if self._closed:
+                return 0.0
+            row = self._db.execute("SELECT created FROM messages ORDER BY id LIMIT 1").fetchone()
+        return max(0.0, self._clock() - row[0]) if row is not None else 0.0

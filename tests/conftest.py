@@ -222,6 +222,8 @@ class Subscriber:
 
     def close(self) -> None:
         self.client.loop_stop()
+        # paho closes its socket pair in __del__; our lambdas would keep it alive until gc.
+        self.client.on_connect = self.client.on_subscribe = self.client.on_message = None
         self.client.disconnect()
 
 
@@ -254,6 +256,7 @@ def base_config(
         "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "topic_prefix": "test"},
         "http": {"host": "127.0.0.1", "port": http_port},
         "spool": {"path": str(tmp_path / "spool.db")},
+        "snapshots": {"path": str(tmp_path / "snapshots")},
         "log": {"level": "DEBUG"},
         "cameras": {},
     }

@@ -70,7 +70,7 @@ def test_update_on_better_score_is_rate_limited(rules):
     update = events[1].event
     assert update.frame_time - events[0].event.frame_time >= 2.0
     assert update.top_score == pytest.approx(0.9, abs=1e-3)  # first better score 2 s after new
-    assert update.snapshot is None
+    assert update.snapshot == "p/gate/person/snapshot"  # a better score brings a better picture
 
 
 def test_end_after_max_disappeared_with_same_event_id(rules):
@@ -105,3 +105,93 @@ def test_new_event_carries_a_jpeg_snapshot(rules):
 def test_two_tracks_get_two_event_ids(rules):
     alerts = rules.update(tracked((1, 0.9, "person"), (2, 0.9, "person")), frame(0.0))
     assert len({a.event.event_id for a in alerts}) == 2
+
+
+def rules_with(**objects) -> AlertRules:
+    settings = ObjectsSettings(
+        track=["person", "deer"],
+        filters={
+            "person": FilterSettings(min_score=0.4, threshold=0.6),
+            "deer": FilterSettings(threshold=0.6),
+        },
+        score_history=3,
+        update_interval=1.0,
+        max_disappeared=1.0,
+        **objects,
+    )
+    return AlertRules("gate", settings, "m.pt@abc", "p/gate/{label}/snapshot", required_zones=None)
+
+
+def test_category_tells_wildlife_from_people():
+    rules = rules_with()
+    alerts = rules.update(tracked((1, 0.9, "person"), (2, 0.9, "deer")), frame(0.0))
+    assert {a.event.label: a.event.category for a in alerts} == {"person": "person", "deer": "wildlife"}
+
+
+def test_min_frames_delays_new():
+    settings = ObjectsSettings(track=["deer"], filters={"deer": FilterSettings(threshold=0.5, min_frames=3)})
+    rules = AlertRules("gate", settings, "m", "{label}")
+    steps = [rules.update(tracked((1, 0.9, "deer")), frame(t * 0.2)) for t in range(4)]
+    kinds = [[a.event.type for a in alerts] for alerts in steps]
+    assert kinds == [[], [], ["new"], []]
+
+
+def test_zones_are_reported_and_a_zone_change_is_an_update():
+    rules = rules_with()
+    (new,) = rules.update(tracked((1, 0.9, "person")), frame(0.0), zones=[["driveway"]])
+    assert new.event.current_zones == ["driveway"]
+    assert new.event.entered_zones == ["driveway"]
+    assert rules.update(tracked((1, 0.9, "person")), frame(1.5), zones=[["driveway"]]) == []
+    (moved,) = rules.update(tracked((1, 0.9, "person")), frame(3.0), zones=[["porch"]])
+    assert moved.event.type == "update"
+    assert moved.event.current_zones == ["porch"]
+    assert moved.event.entered_zones == ["driveway", "porch"]
+
+
+def test_required_zone_holds_back_objects_outside_it():
+    settings = ObjectsSettings(track=["person"], filters={"person": FilterSettings(threshold=0.6)})
+    rules = AlertRules("gate", settings, "m", "{label}", required_zones=["porch"])
+    assert rules.update(tracked((1, 0.9, "person")), frame(0.0), zones=[["driveway"]]) == []
+    (new,) = rules.update(tracked((1, 0.9, "person")), frame(0.2), zones=[["porch"]])
+    assert new.event.type == "new"
+
+
+def run_sequence(rules: AlertRules) -> list:
+    """Three people appearing 10 s apart, each for 3 s."""
+    alerts = []
+    for person in range(3):
+        start = person * 10.0
+        for step in range(15):
+            alerts += rules.update(tracked((person + 1, 0.9, "person")), frame(start + step * 0.2))
+        alerts += rules.update(tracked(), frame(start + 5.0))
+    return alerts
+
+
+@pytest.mark.parametrize(
+    ("limits", "reason", "silenced_tracks"),
+    [({"cooldown": 15.0}, "cooldown", 1), ({"max_events_per_minute": 1}, "rate_limit", 2)],
+)
+def test_suppressed_events_are_exactly_the_ones_not_sent(limits, reason, silenced_tracks):
+    free = run_sequence(rules_with())
+    limited = run_sequence(rules_with(**limits))
+    sent = [a for a in limited if a.suppressed is None]
+    suppressed = [a for a in limited if a.suppressed is not None]
+    assert {a.suppressed for a in suppressed} == {reason}
+    assert len(sent) + len(suppressed) == len(free)
+    assert len({a.event.event_id for a in suppressed}) == silenced_tracks
+    assert all(a.snapshot is None for a in suppressed)
+
+
+def test_stationary_object_sends_no_updates_and_is_not_re_announced():
+    rules = rules_with(stationary_after=2.0, stationary_max_disappeared=30.0)
+    events = []
+    for step in range(40):  # 8 s standing still with a rising score
+        events += rules.update(tracked((1, 0.7 + step * 0.005, "person")), frame(step * 0.2))
+    assert [a.event.type for a in events] == ["new", "update"]  # updates stop once it is stationary
+    # ByteTrack loses it for 5 s, then finds it on the same spot under a new id.
+    assert rules.update(tracked(), frame(13.0)) == []
+    again = rules.update(tracked((2, 0.9, "person")), frame(13.2))
+    assert again == []
+    (end,) = rules.expire(13.2 + 31.0)
+    assert end.event.event_id == events[0].event.event_id
+    assert end.event.stationary

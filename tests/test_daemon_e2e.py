@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.request
 
 import cv2
 import numpy as np
@@ -29,6 +30,11 @@ EVENT_FIELDS = {
     "frame_time",
     "model",
     "snapshot",
+    "instance",
+    "category",
+    "current_zones",
+    "entered_zones",
+    "stationary",
 }
 
 
@@ -76,6 +82,10 @@ def test_two_rtsp_cameras_alert_person_over_mqtt_and_stop_cleanly(
     late = subscriber_factory(broker.port, event.snapshot)  # subscribes after: gets the retained copy
     snap = late.wait_for(lambda m: m.retain, 10, "the retained snapshot")
     image = cv2.imdecode(np.frombuffer(snap.payload, np.uint8), cv2.IMREAD_COLOR)
+    served = urllib.request.urlopen(
+        f"http://127.0.0.1:{daemon.http_port}/api/events/{event.event_id}/snapshot.jpg", timeout=5
+    ).read()
+    assert served[:2] == b"\xff\xd8"
     assert image is not None
     assert image.shape == (576, 768, 3)
 

@@ -35,7 +35,9 @@ def frames() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def detector(weights: Path) -> Detector:
-    return Detector(ModelSettings(path=weights, imgsz=TEST_IMGSZ, device="cpu", labels=TEST_LABELS))
+    return Detector(
+        ModelSettings(path=weights, imgsz=TEST_IMGSZ, device="cpu", labels=TEST_LABELS, backend="torch")
+    )
 
 
 def _reference(weights: Path, images: list[np.ndarray]) -> list[sv.Detections]:
@@ -106,3 +108,21 @@ def test_corrupt_weights_are_a_clear_error(tmp_path):
     bad.write_bytes(b"this is not a torch checkpoint")
     with pytest.raises(DetectorError, match="could not be loaded as a YOLO model"):
         Detector(ModelSettings(path=bad, device="cpu"))
+
+
+def test_auto_backend_on_cpu_exports_openvino_once_and_keeps_parity(weights, tmp_path, frames):
+    local = tmp_path / "models" / "best.pt"
+    local.parent.mkdir()
+    local.write_bytes(weights.read_bytes())
+    settings = ModelSettings(path=local, imgsz=TEST_IMGSZ, device="cpu", labels=TEST_LABELS)
+    first = Detector(settings)
+    assert first.runtime == "openvino"
+    exports = sorted(p.name for p in local.parent.iterdir() if p.name.endswith("_openvino_model"))
+    assert exports == [f"best-{first.sha256[:12]}-{TEST_IMGSZ}_openvino_model"]
+    cached = exports[0]
+    modified = (local.parent / cached).stat().st_mtime_ns
+    second = Detector(settings)  # uses the cached export
+    assert (local.parent / cached).stat().st_mtime_ns == modified
+    assert second.label == f"best.pt@{first.sha256[:12]}"
+    for ours, ref in zip(second.detect(frames), _reference(weights, frames), strict=True):
+        _assert_same(ours, ref, second.names)

@@ -112,3 +112,10 @@ def test_camera_url_is_hidden_in_repr(tmp_path):
     settings = load_settings(write(tmp_path, VALID))
     assert "hunter2" not in repr(settings)
     assert "hunter2" not in str(settings.model_dump())
+
+
+def test_unknown_environment_section_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MONITOR_CLUSTR__SHARD_COUNT", "2")
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, VALID))
+    assert info.value.problems == ["MONITOR_CLUSTR__SHARD_COUNT (environment): unknown key"]

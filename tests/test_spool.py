@@ -13,7 +13,7 @@ def test_messages_survive_reopening_in_order(tmp_path):
     with Spool(path) as spool:
         stored = spool.put([Outgoing("t/events", b"1", False, 10.0), Outgoing("t/snap", b"\xff\xd8", True)])
         spool.put([Outgoing("t/events", b"2")])
-        spool.remove(stored[0].id)
+        spool.remove(stored.messages[0].id)
     with Spool(path) as spool:
         pending = spool.pending()
     assert [(m.topic, m.payload, m.retain) for m in pending] == [

@@ -1,0 +1,96 @@
+"""Annotated pictures: boxes and labels drawn with supervision, encoded as JPEG.
+
+Used for event snapshots (MQTT, and the bounded on-disk store behind
+``/api/events/{event_id}/snapshot.jpg``) and for ``/predict_image`` and
+``monitor predict --save``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import supervision as sv
+
+JPEG_QUALITY = 85
+#: What event ids look like (``<start time>-<hex>``); anything else never touches the disk.
+EVENT_ID = re.compile(r"^[0-9]+\.[0-9]{6}-[0-9a-f]{6}$")
+
+
+class Annotator:
+    """Draws detections on a copy of a frame. One per thread (annotators keep state)."""
+
+    def __init__(self) -> None:
+        self._boxes = sv.BoxAnnotator(thickness=2)
+        self._labels = sv.LabelAnnotator(text_scale=0.5, text_padding=4)
+
+    def draw(self, image: np.ndarray, detections: sv.Detections, labels: list[str]) -> np.ndarray:
+        """A copy of ``image`` (HxWx3 BGR) with each detection's box and label."""
+        scene = self._boxes.annotate(image.copy(), detections)
+        return self._labels.annotate(scene, detections, labels=labels)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """JPEG bytes of a BGR image.
+
+    Raises:
+        ValueError: OpenCV could not encode it.
+    """
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError(f"cannot encode a {image.shape} image as JPEG")
+    return bytes(data.tobytes())
+
+
+def labels_of(detections: sv.Detections) -> list[str]:
+    """``"label 0.87"`` for each detection (class name from ``data["class_name"]``)."""
+    names = detections.data.get("class_name", [])
+    scores = detections.confidence if detections.confidence is not None else [None] * len(detections)
+    return [f"{n} {s:.2f}" if s is not None else str(n) for n, s in zip(names, scores, strict=True)]
+
+
+class SnapshotStore:
+    """The latest snapshot of each event on disk, at most ``max_count`` files (oldest go first).
+
+    Args:
+        directory: Where ``<event_id>.jpg`` files live; created if missing.
+        max_count: Most files kept.
+    """
+
+    def __init__(self, directory: Path, max_count: int) -> None:
+        self.directory = directory
+        self.max_count = max_count
+        directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._order: OrderedDict[str, None] = OrderedDict(
+            (p.stem, None) for p in sorted(directory.glob("*.jpg"), key=lambda p: p.stat().st_mtime)
+        )
+
+    def save(self, event_id: str, jpeg: bytes) -> None:
+        """Store (or replace) an event's snapshot, then drop the oldest beyond ``max_count``."""
+        path = self._path(event_id)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(jpeg)
+        temporary.replace(path)  # readers never see half a file
+        with self._lock:
+            self._order[event_id] = None
+            self._order.move_to_end(event_id)
+            while len(self._order) > self.max_count:
+                oldest, _ = self._order.popitem(last=False)
+                self._path(oldest).unlink(missing_ok=True)
+
+    def load(self, event_id: str) -> bytes | None:
+        """An event's snapshot, or None."""
+        try:
+            return self._path(event_id).read_bytes()
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _path(self, event_id: str) -> Path:
+        if not EVENT_ID.match(event_id):
+            raise ValueError(f"not an event id: {event_id!r}")
+        return self.directory / f"{event_id}.jpg"

@@ -1,0 +1,199 @@
+"""``monitor bench``: a well-formed report from real decoders and the real model; no camera starves.
+
+Speed is never asserted here (see docs/benchmarks.md for measured numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+import yaml
+
+from monitor.bench import STAGES, SyntheticSource, synthetic_frames
+from monitor.cli import main
+from monitor.metrics import Metrics
+from monitor.settings import CameraSettings
+from tests.conftest import CLIP, TEST_LABELS
+
+IMGSZ = 320
+#: Thresholds for the test weights, which score people on this clip at 0.3-0.6.
+PEOPLE = {
+    "track": ["person"],
+    "filters": {"person": {"min_score": 0.3, "threshold": 0.35}},
+    "tracker": {"high_threshold": 0.35, "activation_threshold": 0.35},
+}
+REPORT_KEYS = {"machine", "config", "pipeline", "stages", "latency", "naive", "ratios", "units"}
+PERCENTILE_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
+
+
+def run_bench(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    code = main(["bench", *args, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report: dict = json.loads(out)
+    return report
+
+
+@pytest.fixture(scope="module")
+def fast_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test clip re-encoded at 30 fps, so a stream can ask for more than the original 10."""
+    path = tmp_path_factory.mktemp("clip") / "walkway-30fps.mp4"
+    source = cv2.VideoCapture(str(CLIP))
+    writer = None
+    try:
+        while True:
+            ok, image = source.read()
+            if not ok:
+                break
+            if writer is None:
+                height, width = image.shape[:2]
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30, (width, height))
+                assert writer.isOpened(), "OpenCV cannot write mp4v"
+            writer.write(image)
+    finally:
+        source.release()
+        if writer is not None:
+            writer.release()
+    return path
+
+
+def test_bench_reports_pipeline_stages_and_naive_baseline(weights, tmp_path, capsys):
+    config = tmp_path / "bench.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(weights), "imgsz": IMGSZ, "device": "cpu", "labels": TEST_LABELS},
+                "detect": {"max_batch": 8},
+                "objects": PEOPLE,
+            }
+        )
+    )
+    report = run_bench(
+        capsys,
+        "--config", str(config),
+        "--streams", "2",
+        "--fps", "5",
+        "--duration", "10",
+        "--warmup", "2",
+        "--compare-naive",
+        "--naive-frames", "16",
+    )  # fmt: skip
+
+    assert set(report) == REPORT_KEYS
+    machine, config_, pipeline = report["machine"], report["config"], report["pipeline"]
+    assert machine["cpu_cores"] >= 1
+    assert machine["torch"]
+    assert machine["ultralytics"]
+    assert machine["gpu"] is None
+    assert config_["mode"] == "file"
+    assert config_["clip"] == str(CLIP)
+    assert (config_["streams"], config_["imgsz"], config_["device"], config_["max_batch"]) == (
+        2,
+        IMGSZ,
+        "cpu",
+        8,
+    )
+    assert (config_["width"], config_["height"]) == (768, 576)
+
+    assert [s["name"] for s in pipeline["streams"]] == ["stream-000", "stream-001"]
+    for stream in pipeline["streams"]:
+        assert stream["processed"] > 0, stream
+        assert stream["delivered"] > 0, stream
+        assert stream["state"] == "online"
+    assert pipeline["processed"] == sum(s["processed"] for s in pipeline["streams"])
+    assert pipeline["processed_fps"] > 0
+    assert pipeline["offered_fps"] > 0
+    assert pipeline["requested_fps"] == 10
+    assert 0 <= pipeline["drop_pct"] <= 100
+    assert pipeline["batch_size"]["count"] > 0
+    assert 1 <= pipeline["batch_size"]["mean"] <= 8
+    assert set(pipeline["events"]) == {"new", "update", "end", "suppressed"}
+    assert pipeline["cpu"]["cores_used"] > 0
+    assert pipeline["cpu"]["processes"] >= 3  # this process, the forkserver, two decoders
+    assert pipeline["gpu"] == {
+        "utilization_pct": None,
+        "utilization_error": None,
+        "max_memory_allocated_mib": None,
+    }
+
+    assert set(report["stages"]) == set(STAGES)
+    for name, stats in report["stages"].items():
+        assert set(stats) == PERCENTILE_KEYS
+        assert stats["count"] > 0, name
+        assert 0 <= stats["p50"] <= stats["p95"] <= stats["p99"] <= stats["max"], name
+    assert set(report["latency"]) == {"capture_to_detections", "capture_to_alerts"}
+    detect = report["latency"]["capture_to_detections"]
+    assert detect["count"] == pipeline["processed"]
+    assert 0 < detect["p50"] <= detect["p99"] <= report["latency"]["capture_to_alerts"]["max"]
+
+    naive = report["naive"]
+    assert (naive["frames"], naive["batch"]) == (16, 8)
+    for key in ("ultralytics_per_frame_fps", "ultralytics_batched_fps", "detector_fps"):
+        assert naive[key] > 0, key
+    ratios = report["ratios"]
+    for key in (
+        "detector_vs_ultralytics_per_frame",
+        "detector_vs_ultralytics_batched",
+        "pipeline_vs_ultralytics_per_frame",
+        "pipeline_vs_ultralytics_batched",
+    ):
+        assert ratios[key] > 0, key
+    assert ratios["pipeline_saturated"] == pipeline["saturated"]
+
+
+def test_slow_camera_gets_its_frames_next_to_a_camera_ten_times_faster_under_overload(
+    weights, fast_clip, capsys
+):
+    report = run_bench(
+        capsys,
+        "--model", str(weights),
+        "--label", "Normal=person",
+        "--label", "Fall=person",
+        "--imgsz", str(IMGSZ),
+        "--device", "cpu",
+        "--backend", "torch",
+        "--clip", str(fast_clip),
+        "--streams", "2",
+        "--fps", "30", "3",
+        "--max-batch", "1",
+        "--duration", "8",
+        "--warmup", "1",
+    )  # fmt: skip
+
+    fast, slow = report["pipeline"]["streams"]
+    assert (fast["fps"], slow["fps"]) == (30, 3)
+    if fast["dropped"] == 0:
+        pytest.skip(
+            f"the detector kept up with {report['pipeline']['offered_fps']:.0f} frames/s: no overload"
+        )
+    assert slow["delivered"] >= 10, slow
+    assert slow["processed"] >= 0.8 * slow["delivered"], (slow, fast)
+
+
+def test_synthetic_stream_counts_replaced_frames_as_dropped():
+    metrics = Metrics()
+    settings = CameraSettings(url="synthetic")
+    images = synthetic_frames(64, 48, count=2)
+    with SyntheticSource("synth", settings, fps=50, metrics=metrics, images=images, phase=0.0) as source:
+        time.sleep(0.1)
+        source.drain()
+        first = source.take()
+        assert first is not None
+        assert first.image.shape == (48, 64, 3)
+        assert source.take() is None  # taken: nothing new until the next frame is due
+        time.sleep(0.2)
+        source.drain()
+        assert source.has_new_frame()
+        second = source.take()
+        assert second is not None
+        assert second.seq > first.seq + 1  # several were due: the newest wins
+
+    def sample(name: str) -> float:
+        return metrics.registry.get_sample_value(name, {"camera": "synth"}) or 0.0
+
+    assert sample("monitor_camera_frames_total") == second.seq + 1
+    assert sample("monitor_camera_frames_dropped_total") == second.seq - first.seq - 1

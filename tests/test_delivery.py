@@ -1,0 +1,607 @@
+"""No alert is lost: broker outages, daemon crashes, TLS and credentials, a bounded spool.
+
+Real Mosquitto processes throughout. Subscribers that must not miss anything
+use a persistent session (clean_session=False, QoS 1, fixed client id) on a
+broker with persistence, so messages that arrive while they are away wait in
+the broker, across its restarts. QoS 1 may deliver twice: every check
+de-duplicates by event_id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import SecretStr
+
+from monitor import publisher as publisher_module
+from monitor.alerts import Alert, Event
+from monitor.errors import ConfigError, PublishError
+from monitor.metrics import Metrics
+from monitor.publisher import Publisher
+from monitor.settings import MqttSettings, TlsSettings, load_settings
+from monitor.spool import Outgoing, Spool
+from tests.conftest import ROOT, Broker, free_port, wait_until
+
+#: How long the broker is down in the outage test (the issue asks for 30 s).
+OUTAGE = 30.0
+#: Events per second produced during the outage test.
+RATE = 20.0
+PUBLISHER_PROC = ROOT / "tests" / "publisher_proc.py"
+USER, PASSWORD, WRONG_PASSWORD = "monitor", "s3cret-pass", "bad-pass-123"
+
+
+@pytest.fixture(autouse=True)
+def fast_reconnect(monkeypatch):
+    """Reconnect every second (production backs off to 30 s), so tests do not wait for the backoff."""
+    monkeypatch.setattr(publisher_module, "RECONNECT_MAX", publisher_module.RECONNECT_MIN)
+
+
+def make_event(event_id: str) -> Event:
+    now = time.time()
+    return Event(
+        type="end",
+        event_id=event_id,
+        camera="gate",
+        label="deer",
+        score=0.9,
+        top_score=0.9,
+        box=[1.0, 2.0, 3.0, 4.0],
+        track_id=1,
+        start_time=now,
+        end_time=now,
+        frame_time=now,
+        model="m.pt@abc",
+        snapshot=None,
+    )
+
+
+def alert(event_id: str) -> Alert:
+    return Alert(make_event(event_id), None, time.time())
+
+
+def ids(spool: Spool) -> list[str]:
+    return [json.loads(m.payload)["event_id"] for m in spool.pending()]
+
+
+def start_broker(tmp_path: Path, name: str, body: str) -> Broker:
+    """Mosquitto with ``body`` as its configuration (``{port}`` filled in); started."""
+    port = free_port()
+    conf = tmp_path / f"{name}.conf"
+    # `user root`: as root, Mosquitto would otherwise drop to its own user and
+    # could not read or write the test's private tmp_path. Ignored as non-root.
+    conf.write_text("user root\n" + body.format(port=port))
+    broker = Broker(port, conf=conf)
+    broker.start()
+    return broker
+
+
+@pytest.fixture
+def durable_broker(tmp_path: Path) -> Iterator[Broker]:
+    """Anonymous Mosquitto with persistence: sessions and queued messages survive its restart."""
+    store = tmp_path / "mosquitto-store"
+    store.mkdir()
+    broker = start_broker(
+        tmp_path,
+        "durable",
+        "listener {port} 127.0.0.1\nallow_anonymous true\n"
+        f"persistence true\npersistence_location {store}/\nmax_queued_messages 100000\n",
+    )
+    yield broker
+    broker.stop()
+
+
+class DurableSubscriber:
+    """A subscriber whose session outlives its connection: what it misses waits in the broker."""
+
+    def __init__(
+        self,
+        port: int,
+        topic: str,
+        client_id: str,
+        ca_file: Path | None = None,
+        auth: tuple[str, str] | None = None,
+    ) -> None:
+        self.received: list[str] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        self.client.reconnect_delay_set(1, 1)
+        if auth is not None:
+            self.client.username_pw_set(*auth)
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=str(ca_file))
+        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "subscription not acknowledged"
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.received.append(json.loads(message.payload)["event_id"])
+
+    def unique(self) -> set[str]:
+        with self._lock:
+            return set(self.received)
+
+    def wait_for_all(self, expected: set[str], timeout: float) -> None:
+        def done() -> bool:
+            return expected <= self.unique()
+
+        try:
+            wait_until(done, timeout, f"{len(expected)} event ids")
+        except AssertionError:
+            missing = sorted(expected - self.unique())
+            raise AssertionError(f"{len(missing)} of {len(expected)} never arrived: {missing[:20]}") from None
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        # Break the client -> callback -> self cycle so paho's __del__ closes its socket pair now.
+        self.client.on_connect = self.client.on_subscribe = self.client.on_message = None
+
+
+@pytest.fixture
+def durable_subscribers() -> Iterator[list[DurableSubscriber]]:
+    made: list[DurableSubscriber] = []
+    yield made
+    for sub in made:
+        sub.close()
+
+
+# -- 1. a broker outage ------------------------------------------------------------
+
+
+def test_every_event_produced_during_a_broker_outage_arrives(tmp_path, durable_broker, durable_subscribers):
+    sub = DurableSubscriber(durable_broker.port, "t/events", "durable-outage")
+    durable_subscribers.append(sub)
+    produced: list[str] = []
+    stop = threading.Event()
+    metrics = Metrics()
+
+    def produce(publisher: Publisher) -> None:
+        # A steady stream, so events are in flight at the moment the broker stops and starts.
+        while not stop.wait(1 / RATE):
+            event_id = f"outage-{len(produced)}"
+            publisher.publish([alert(event_id)])
+            produced.append(event_id)
+
+    settings = MqttSettings(port=durable_broker.port, topic_prefix="t")
+    with Spool(tmp_path / "spool.db") as spool, Publisher(settings, spool, metrics) as publisher:
+        producer = threading.Thread(target=produce, args=(publisher,), daemon=True)
+        producer.start()
+        try:
+            wait_until(lambda: len(sub.unique()) >= 10, 10, "events flowing before the outage")
+            durable_broker.stop()
+            before = len(produced)
+            time.sleep(OUTAGE)  # the outage itself: a timed wait on purpose
+            assert len(produced) - before >= OUTAGE * RATE / 2, "too few events during the outage"
+            assert not publisher.connected
+            durable_broker.start()
+            restarted = len(produced)
+            wait_until(lambda: publisher.connected, 10, "the publisher to reconnect")
+            wait_until(lambda: len(produced) >= restarted + 10, 10, "events after the restart")
+        finally:
+            stop.set()
+            producer.join(5)
+        sub.wait_for_all(set(produced), 60)
+        wait_until(lambda: spool.count() == 0, 10, "the spool to empty")
+    assert sub.unique() == set(produced)
+    assert len(produced) > OUTAGE * RATE / 2
+    assert metrics.registry.get_sample_value("monitor_spool_pending") == 0
+    assert metrics.registry.get_sample_value("monitor_spool_dropped_total") == 0
+
+
+def test_a_backlog_waits_on_disk_not_in_memory_and_arrives_in_order(
+    tmp_path, monkeypatch, durable_broker, durable_subscribers
+):
+    monkeypatch.setattr(publisher_module, "WINDOW", 5)
+    sub = DurableSubscriber(durable_broker.port, "t/events", "durable-window")
+    durable_subscribers.append(sub)
+    durable_broker.stop()
+    produced = [f"w-{i}" for i in range(12)]
+    settings = MqttSettings(port=durable_broker.port, topic_prefix="t")
+    with Spool(tmp_path / "spool.db") as spool, Publisher(settings, spool, Metrics()) as publisher:
+        for event_id in produced:
+            publisher.publish([alert(event_id)])
+        assert publisher.in_flight == 5, "only the window is in paho's memory"
+        assert spool.count() == 12
+        durable_broker.start()
+        sub.wait_for_all(set(produced), 15)
+        wait_until(lambda: spool.count() == 0, 10, "the spool to empty")
+    first_seen = list(dict.fromkeys(sub.received))
+    assert first_seen == produced
+
+
+# -- 2. a daemon crash while the broker is down -------------------------------------
+
+
+@dataclass
+class PublisherProcess:
+    """tests/publisher_proc.py, with its stdout lines arriving on a queue."""
+
+    proc: subprocess.Popen[str]
+    log: Path
+    lines: queue.Queue[str]
+    pump: threading.Thread
+
+    @classmethod
+    def start(cls, tmp_path: Path, spool: Path, port: int, count: int, run: str) -> PublisherProcess:
+        log = tmp_path / f"publisher-{run}.log"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, str(PUBLISHER_PROC), str(spool), str(port), str(count), run],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                cwd=ROOT,
+            )
+        lines: queue.Queue[str] = queue.Queue()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line.strip())
+
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+        return cls(proc, log, lines, thread)
+
+    def close(self) -> None:
+        """Kill it if it still runs; release its pipe."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.pump.join(5)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+    def expect(self, line: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.proc.poll() is not None and self.lines.empty()):
+                raise AssertionError(
+                    f"no {line!r} from the publisher process:\n{self.log.read_text()[-3000:]}"
+                )
+            try:
+                if self.lines.get(timeout=min(left, 0.5)) == line:
+                    return
+            except queue.Empty:
+                continue
+
+
+def test_events_spooled_before_a_crash_arrive_after_a_restart(tmp_path, durable_broker, durable_subscribers):
+    count = 20
+    spool = tmp_path / "spool.db"
+    sub = DurableSubscriber(durable_broker.port, "t/events", "durable-crash")
+    durable_subscribers.append(sub)
+    durable_broker.stop()  # the subscriber's session stays in the broker's store
+
+    first = PublisherProcess.start(tmp_path, spool, durable_broker.port, count, "crash")
+    try:
+        first.expect(f"SPOOLED {count}", 30)
+        first.proc.send_signal(signal.SIGKILL)  # the crash: no shutdown code runs
+        assert first.proc.wait(10) == -signal.SIGKILL
+    finally:
+        first.close()
+
+    second = PublisherProcess.start(tmp_path, spool, durable_broker.port, 0, "restart")
+    try:
+        second.expect(f"STARTED {count}", 30)  # everything spooled before the kill is there
+        durable_broker.start()
+        sub.wait_for_all({f"crash-{i}" for i in range(count)}, 30)
+        second.proc.send_signal(signal.SIGTERM)
+        assert second.proc.wait(15) == 0
+    finally:
+        second.close()
+    with Spool(spool) as reopened:
+        assert reopened.count() == 0, "acknowledged events stayed in the spool"
+
+
+# -- 3. TLS and credentials -------------------------------------------------------
+
+
+def openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
+    openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    return key, cert
+
+
+def make_server_cert(directory: Path, name: str, ca: tuple[Path, Path], san: str) -> tuple[Path, Path]:
+    key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.crt"
+    ext = directory / f"{name}.ext"
+    ext.write_text(
+        f"subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
+        "extendedKeyUsage=serverAuth\nauthorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
+    )
+    openssl(
+        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", key, "-out", csr, "-subj", f"/CN={name}",
+    )  # fmt: skip
+    openssl(
+        "x509", "-req", "-in", csr, "-CA", ca[1], "-CAkey", ca[0], "-CAcreateserial",
+        "-out", cert, "-days", "2", "-extfile", ext,
+    )  # fmt: skip
+    return key, cert
+
+
+@dataclass
+class TlsBroker:
+    broker: Broker
+    port: int  # certificate for IP:127.0.0.1, DNS:localhost
+    wrong_name_port: int  # same CA, certificate for DNS:broker.invalid only
+    ca_file: Path
+    other_ca_file: Path  # an unrelated CA
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[TlsBroker]:
+    """Mosquitto with two TLS listeners, a password file and an ACL (user may use t/#)."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca = make_ca(certs, "test-ca")
+    _, other_ca = make_ca(certs, "other-ca")
+    server_key, server_cert = make_server_cert(certs, "server", ca, "IP:127.0.0.1,DNS:localhost")
+    wrong_key, wrong_cert = make_server_cert(certs, "wrong", ca, "DNS:broker.invalid")
+    passwd = certs / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), USER, PASSWORD], check=True)
+    acl = certs / "acl"
+    acl.write_text(f"user {USER}\ntopic readwrite t/#\n")
+    wrong_name_port = free_port()
+    broker = start_broker(
+        tmp_path,
+        "tls",
+        f"per_listener_settings false\nallow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
+        "persistence false\n"
+        f"listener {{port}} 127.0.0.1\ncafile {ca[1]}\ncertfile {server_cert}\nkeyfile {server_key}\n"
+        f"listener {wrong_name_port} 127.0.0.1\ncafile {ca[1]}\ncertfile {wrong_cert}\nkeyfile {wrong_key}\n",
+    )
+    yield TlsBroker(broker, broker.port, wrong_name_port, ca[1], other_ca)
+    broker.stop()
+
+
+def tls_settings(port: int, ca_file: Path, password: str = PASSWORD, **tls: object) -> MqttSettings:
+    return MqttSettings(
+        port=port,
+        topic_prefix="t",
+        username=USER,
+        password=SecretStr(password),
+        tls=TlsSettings(enabled=True, ca_file=ca_file, **tls),
+    )
+
+
+def test_tls_and_credentials_deliver_and_wrong_ones_only_delay(
+    tmp_path, tls_broker, durable_subscribers, caplog
+):
+    caplog.set_level(logging.DEBUG, logger="monitor.publisher")
+    sub = DurableSubscriber(
+        tls_broker.port, "t/events", "durable-tls", ca_file=tls_broker.ca_file, auth=(USER, PASSWORD)
+    )
+    durable_subscribers.append(sub)
+    with Spool(tmp_path / "spool.db") as spool:
+        good = tls_settings(tls_broker.port, tls_broker.ca_file)
+        with Publisher(good, spool, Metrics()) as publisher:
+            publisher.publish([alert("tls-0")])
+            sub.wait_for_all({"tls-0"}, 10)
+            assert publisher.connected
+            assert publisher.last_error is None
+
+        wrong = tls_settings(tls_broker.port, tls_broker.ca_file, password=WRONG_PASSWORD)
+        with Publisher(wrong, spool, Metrics()) as publisher:
+            error = wait_until(lambda: publisher.last_error, 10, "the refusal")
+            assert error.startswith("unauthorized"), error
+            publisher.publish([alert(f"tls-{i}") for i in range(1, 4)])
+
+            def refusals() -> int:
+                return sum("unauthorized" in r.getMessage() for r in caplog.records)
+
+            wait_until(lambda: refusals() >= 2, 10, "a second attempt (retrying with backoff)")
+            assert [r.levelno for r in caplog.records if "unauthorized" in r.getMessage()][:2] == [
+                logging.ERROR,  # the first refusal is an error, repeats are debug
+                logging.DEBUG,
+            ]
+            assert not publisher.connected
+            assert ids(spool) == ["tls-1", "tls-2", "tls-3"]
+        assert PASSWORD not in caplog.text
+        assert WRONG_PASSWORD not in caplog.text
+
+        with Publisher(good, spool, Metrics()) as publisher:
+            sub.wait_for_all({f"tls-{i}" for i in range(4)}, 10)
+            wait_until(lambda: spool.count() == 0, 10, "the spool to empty")
+
+
+# paho 2.2 leaves the SSLSocket of a failed handshake to the garbage collector
+# (`_ssl_wrap_socket` does not close it); CPython closes it as soon as paho's
+# exception is gone, with a ResourceWarning that is not ours.
+@pytest.mark.filterwarnings("ignore:unclosed <ssl.SSLSocket:ResourceWarning")
+def test_tls_errors_are_reported_not_raised(tmp_path, tls_broker, caplog):
+    with Spool(tmp_path / "spool.db") as spool:
+        unrelated_ca = tls_settings(tls_broker.port, tls_broker.other_ca_file)
+        with Publisher(unrelated_ca, spool, Metrics()) as publisher:
+            error = wait_until(lambda: publisher.last_error, 10, "the TLS error")
+            assert error.startswith("TLS error: certificate verify failed"), error
+            publisher.publish([alert("kept")])
+            assert not publisher.connected
+        assert ids(spool) == ["kept"]
+
+        wrong_name = tls_settings(tls_broker.wrong_name_port, tls_broker.ca_file)
+        with Publisher(wrong_name, spool, Metrics()) as publisher:
+            error = wait_until(lambda: publisher.last_error, 10, "the TLS error")
+            assert error.startswith("TLS error: certificate verify failed: IP address mismatch"), error
+
+        caplog.set_level(logging.WARNING, logger="monitor.publisher")
+        insecure = tls_settings(tls_broker.wrong_name_port, tls_broker.ca_file, insecure=True)
+        with Publisher(insecure, spool, Metrics()) as publisher:
+            assert "mqtt.tls.insecure is true" in caplog.text
+            wait_until(lambda: publisher.connected, 10, "a connection without the host name check")
+            wait_until(lambda: spool.count() == 0, 10, "the spooled event to be delivered")
+
+
+def test_mqtt5_wrong_password_is_unauthorized(tmp_path, tls_broker):
+    settings = tls_settings(tls_broker.port, tls_broker.ca_file, password=WRONG_PASSWORD)
+    settings = settings.model_copy(update={"protocol": "5"})
+    with Spool(tmp_path / "spool.db") as spool, Publisher(settings, spool, Metrics()) as publisher:
+        error = wait_until(lambda: publisher.last_error, 10, "the refusal")
+        assert error.startswith("unauthorized"), error
+        assert not publisher.connected
+
+
+def test_a_ca_file_that_is_no_certificate_fails_at_start(tmp_path):
+    bogus = tmp_path / "ca.crt"
+    bogus.write_text("not a certificate\n")
+    settings = MqttSettings(tls=TlsSettings(enabled=True, ca_file=bogus))
+    with Spool(tmp_path / "spool.db") as spool, pytest.raises(PublishError, match=r"mqtt\.tls: cannot load"):
+        Publisher(settings, spool, Metrics())
+
+
+# -- 4, 5. the spool's bounds -----------------------------------------------------
+
+
+def test_a_full_spool_drops_the_oldest_and_counts_them(tmp_path, broker, caplog):
+    caplog.set_level(logging.INFO, logger="monitor.publisher")
+    broker.stop()
+    metrics = Metrics()
+    settings = MqttSettings(port=broker.port, topic_prefix="t")
+    with (
+        Spool(tmp_path / "spool.db", max_events=5) as spool,
+        Publisher(settings, spool, metrics) as publisher,
+    ):
+        for i in range(12):
+            publisher.publish([alert(f"e-{i}")])
+        assert metrics.registry.get_sample_value("monitor_spool_dropped_total") == 7
+        assert ids(spool) == [f"e-{i}" for i in range(7, 12)]
+        assert metrics.registry.get_sample_value("monitor_spool_pending") == 5
+        assert (metrics.registry.get_sample_value("monitor_spool_oldest_age_seconds") or 0) > 0
+        warnings = [r for r in caplog.records if "spool limit reached" in r.getMessage()]
+        assert len(warnings) == 1, "one line per burst, not one per message"
+
+        # paho still holds the dropped ones: they may arrive, but the counts stay right.
+        broker.start()
+        wait_until(lambda: spool.count() == 0, 10, "the spool to empty")
+        wait_until(
+            lambda: metrics.registry.get_sample_value("monitor_spool_pending") == 0, 5, "spool_pending 0"
+        )
+        assert metrics.registry.get_sample_value("monitor_spool_oldest_age_seconds") == 0
+    assert "7 message(s) were dropped while it was full" in caplog.text
+
+
+def test_messages_older_than_max_age_are_dropped(tmp_path):
+    now = [1_000_000.0]
+    path = tmp_path / "spool.db"
+    with Spool(path, max_events=100, max_age=60.0, clock=lambda: now[0]) as spool:
+        spool.put([Outgoing("t/events", b"old")])
+        now[0] += 30
+        spool.put([Outgoing("t/events", b"mid")])
+        assert spool.oldest_age() == 30
+        now[0] += 31  # "old" is 61 s old
+        assert spool.trim() == 1
+        assert [m.payload for m in spool.pending()] == [b"mid"]
+        now[0] += 30  # "mid" is 61 s old: the next put drops it
+        stored = spool.put([Outgoing("t/events", b"new")])
+        assert stored.dropped == 1
+        assert [m.payload for m in stored.messages] == [b"new"]
+        assert [m.payload for m in spool.pending()] == [b"new"]
+        assert spool.count() == 1
+        now[0] += 61
+
+    # A publisher starting on a spool of expired messages drops and counts them first.
+    metrics = Metrics()
+    settings = MqttSettings(port=free_port(), topic_prefix="t")  # nobody listens
+    with (
+        Spool(path, max_age=60.0, clock=lambda: now[0]) as spool,
+        Publisher(settings, spool, metrics),
+    ):
+        assert spool.count() == 0
+        assert metrics.registry.get_sample_value("monitor_spool_dropped_total") == 1
+
+
+def test_a_batch_larger_than_the_spool_keeps_its_newest_messages(tmp_path):
+    with Spool(tmp_path / "spool.db", max_events=3) as spool:
+        spool.put([Outgoing("t/events", b"a")])
+        stored = spool.put([Outgoing("t/events", bytes([c])) for c in b"bcdef"])
+        assert stored.dropped == 3
+        assert [m.payload for m in stored.messages] == [b"d", b"e", b"f"]
+        assert [m.payload for m in spool.pending()] == [b"d", b"e", b"f"]
+        assert spool.count() == 3
+
+
+def test_remove_tells_whether_the_row_was_still_there(tmp_path):
+    with Spool(tmp_path / "spool.db", max_events=1) as spool:
+        first = spool.put([Outgoing("t/events", b"1")]).messages[0]
+        spool.put([Outgoing("t/events", b"2")])  # drops the first
+        assert spool.remove(first.id) is False
+        assert spool.count() == 1
+
+
+# -- MQTT 5 and settings ----------------------------------------------------------
+
+
+def test_mqtt5_delivers_and_says_online(tmp_path, broker, subscriber_factory):
+    sub = subscriber_factory(broker.port, "t/#")
+    settings = MqttSettings(port=broker.port, topic_prefix="t", protocol="5")
+    with Spool(tmp_path / "spool.db") as spool, Publisher(settings, spool, Metrics()) as publisher:
+        publisher.publish([alert("v5")])
+        sub.wait_for(lambda m: m.topic == "t/events" and b'"v5"' in m.payload, 10, "the event over MQTT 5")
+        sub.wait_for(lambda m: m.topic == "t/available" and m.payload == b"online", 5, "online")
+        wait_until(lambda: spool.count() == 0, 10, "the PUBACK")
+
+
+def write_config(tmp_path: Path, mqtt_yaml: str) -> Path:
+    path = tmp_path / "monitor.yaml"
+    path.write_text(f"model: {{path: m.pt}}\nmqtt:\n{mqtt_yaml}")
+    return path
+
+
+def test_mqtt_protocol_and_tls_settings(tmp_path):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not checked here")
+    settings = load_settings(
+        write_config(tmp_path, f"  protocol: 5\n  tls: {{enabled: true, ca_file: {ca}}}\n")
+    )
+    assert settings.mqtt.protocol == "5"
+    assert settings.mqtt.tls.ca_file == ca
+    assert load_settings(write_config(tmp_path, "  port: 1883\n")).mqtt.protocol == "3.1.1"
+
+
+@pytest.mark.parametrize(
+    ("mqtt_yaml", "expected"),
+    [
+        ("  protocol: 4\n", "mqtt.protocol (line 3): Input should be '3.1.1' or '5'"),
+        (
+            "  tls: {enabled: true, ca_file: /nonexistent/ca.crt}\n",
+            "mqtt.tls.ca_file (line 3): Value error, '/nonexistent/ca.crt' does not exist",
+        ),
+        ("  tls: {cert_file: CA}\n", "mqtt.tls (line 3): Value error, set both cert_file and key_file"),
+        ("  tls: {enabled: true, ca_file: DIR}\n", "is not a file"),
+    ],
+)
+def test_bad_mqtt_settings_name_the_key(tmp_path, mqtt_yaml, expected):
+    (tmp_path / "ca.crt").write_text("x")
+    mqtt_yaml = mqtt_yaml.replace("CA", str(tmp_path / "ca.crt")).replace("DIR", str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        load_settings(write_config(tmp_path, mqtt_yaml))
+    assert any(expected in p for p in info.value.problems), info.value.problems

@@ -1,0 +1,126 @@
+"""Running as a system service: systemd notify/watchdog, SIGHUP reload, the unit file."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from monitor.daemon import pipeline_healthy
+from tests.conftest import CLIP, base_config, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "monitor.service"
+
+
+@pytest.mark.parametrize(
+    ("online", "since_processed", "healthy"),
+    [(0, 999.0, True), (2, 1.0, True), (2, 9.0, True), (2, 11.0, False), (1, 60.0, False)],
+)
+def test_watchdog_is_withheld_when_online_cameras_go_unprocessed(online, since_processed, healthy):
+    now = 1000.0
+    assert pipeline_healthy(now, online, now - since_processed, interval=2.0) is healthy
+
+
+def received_until_silent(sock: socket.socket, quiet: float) -> list[bytes]:
+    """Every datagram until none arrives for ``quiet`` seconds."""
+    sock.settimeout(quiet)
+    received = []
+    while True:
+        try:
+            received.append(sock.recv(4096))
+        except TimeoutError:
+            return received
+
+
+@pytest.mark.integration
+def test_notify_ready_then_watchdog_which_stops_when_the_loop_stalls(
+    weights, tmp_path, broker, daemon_factory
+):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    config = base_config(weights, tmp_path, broker.port, free_port(), cameras={"a": {"url": str(CLIP)}})
+    daemon = daemon_factory(
+        config, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
+    )
+    try:
+        assert notify.recv(4096) == b"READY=1"
+        pings = [notify.recv(4096) for _ in range(3)]
+        assert all(p.startswith(b"WATCHDOG=1\nSTATUS=") for p in pings)
+        assert re.search(rb"STATUS=\d+/1 cameras online, [0-9.]+ frames/s", pings[-1])
+        daemon.proc.send_signal(signal.SIGSTOP)  # a wedged pipeline: nothing runs
+        try:
+            queued = received_until_silent(notify, quiet=3.0)  # pings sent just before the stop
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        assert len(queued) <= 2  # then 3 s of silence with a 1 s watchdog interval
+        notify.settimeout(10)
+        assert notify.recv(4096).startswith(b"WATCHDOG=1")  # alive again
+    finally:
+        notify.close()
+    assert daemon.terminate() == 0
+
+
+@pytest.mark.integration
+def test_sighup_adds_and_removes_cameras_without_touching_the_others(
+    weights, tmp_path, broker, daemon_factory
+):
+    cameras = {"keep": {"url": str(CLIP)}, "old": {"url": str(CLIP)}}
+    config = base_config(weights, tmp_path, broker.port, free_port(), cameras=cameras)
+    daemon = daemon_factory(config)
+    config_path = tmp_path / "monitor-0.yaml"
+
+    def processed(name: str) -> float:
+        return daemon.metrics().get(f'monitor_camera_frames_processed_total{{camera="{name}"}}', 0.0)
+
+    wait_until(lambda: processed("keep") > 0 and processed("old") > 0, 30, "both cameras processing")
+    config["cameras"] = {"keep": {"url": str(CLIP)}, "new": {"url": str(CLIP)}}
+    config_path.write_text(yaml.safe_dump(config))
+    keep_before = processed("keep")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: processed("new") > 0, 30, "the new camera's frames")
+    metrics = daemon.metrics()
+    assert 'monitor_camera_frames_processed_total{camera="old"}' not in metrics
+    assert metrics['monitor_camera_reconnects_total{camera="keep"}'] == 0  # never restarted
+    assert processed("keep") > keep_before
+
+    # An invalid configuration is refused; the running one stays.
+    config_path.write_text("cameras: {broken: {url: 42, colour: red}}\n")
+    keep_before, new_before = processed("keep"), processed("new")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload rejected" in daemon.log(), 10, "the rejection in the log")
+    wait_until(
+        lambda: processed("keep") > keep_before and processed("new") > new_before, 15, "both cameras going on"
+    )
+    assert daemon.terminate() == 0
+
+
+def test_unit_file_verifies_and_is_hardened(tmp_path):
+    # verify checks that ExecStart exists: point it at a stand-in with the same name.
+    fake_root = tmp_path / "opt" / "monitor" / ".venv" / "bin"
+    fake_root.mkdir(parents=True)
+    (fake_root / "monitor").write_text("#!/bin/sh\n")
+    (fake_root / "monitor").chmod(0o755)
+    unit = tmp_path / "monitor.service"
+    unit.write_text(UNIT.read_text().replace("/opt/monitor", str(tmp_path / "opt" / "monitor")))
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert verify.returncode == 0, verify.stderr
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout + security.stderr)
+    assert match, security.stdout[-2000:]
+    assert float(match.group(1)) <= 4.0
+    readme = (ROOT / "systemd" / "README.md").read_text()
+    assert match.group(1) in readme  # the number the README states is the one measured

@@ -1,0 +1,145 @@
+"""Alert quality on real footage through `monitor replay` (the daemon's camera pipeline)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from monitor.cli import main
+from monitor.detector import Detector
+from monitor.replay import run_replay
+from monitor.settings import Settings
+from tests.conftest import CLIP, TEST_LABELS
+
+IMGSZ = 320
+FPS = 2.0
+#: Thresholds for the test weights, which score people on this clip at 0.3-0.6.
+PEOPLE = {
+    "track": ["person"],
+    "filters": {"person": {"min_score": 0.3, "threshold": 0.35}},
+    "tracker": {"high_threshold": 0.35, "activation_threshold": 0.35},
+    "update_interval": 3.0,
+}
+
+
+def settings(weights: Path, objects: dict | None = None, camera: dict | None = None) -> Settings:
+    return Settings(
+        model={"path": weights, "imgsz": IMGSZ, "device": "cpu", "labels": TEST_LABELS},
+        detect={"fps": FPS, "max_batch": 8},
+        objects=objects if objects is not None else PEOPLE,
+        cameras={"walkway": {"url": str(CLIP), **(camera or {})}},
+    )
+
+
+@pytest.fixture(scope="module")
+def detector(weights: Path) -> Detector:
+    return Detector(settings(weights).model)
+
+
+@pytest.fixture(scope="module")
+def background_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The walkway with nobody on it: the per-pixel median of the clip, held for 10 s."""
+    cap = cv2.VideoCapture(str(CLIP))
+    frames = []
+    index = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        if index % 6 == 0:
+            frames.append(frame)
+        index += 1
+    cap.release()
+    background = np.median(np.stack(frames), axis=0).astype(np.uint8)
+    path = tmp_path_factory.mktemp("clips") / "empty.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (768, 576))
+    for _ in range(100):
+        writer.write(background)
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def people(weights, detector):
+    """The person clip at the test thresholds, no zones, no limits."""
+    return run_replay(CLIP, settings(weights), detector=detector)
+
+
+def test_people_alert_once_per_track_with_bounded_updates(people):
+    result = people
+    summary = result.summary
+    assert summary.new >= 3
+    assert summary.frames == pytest.approx(30 * FPS, abs=2)
+    kinds = Counter((a.event.event_id, a.event.type) for a in result.alerts)
+    assert all(count == 1 for (_, kind), count in kinds.items() if kind == "new")
+    for event_id in {a.event.event_id for a in result.alerts}:
+        events = [a.event for a in result.alerts if a.event.event_id == event_id]
+        assert events[0].type == "new"
+        assert events[-1].type == "end"
+        duration = events[-1].end_time - events[0].start_time
+        updates = sum(e.type == "update" for e in events)
+        assert updates <= duration / 3.0 + 1, (event_id, updates, duration)
+    assert summary.alerts_per_confirmed_track == 1.0
+
+
+def test_empty_scene_gives_no_events_at_default_thresholds(weights, detector, background_clip):
+    result = run_replay(background_clip, settings(weights, objects={}), detector=detector)
+    assert result.summary.frames >= 15
+    assert result.alerts == []
+
+
+def test_required_zone_that_nobody_enters_gives_no_events(weights, detector):
+    sky = {
+        "zones": {"sky": {"coordinates": [[0, 0], [0.1, 0], [0.1, 0.05], [0, 0.05]]}},
+        "required_zones": ["sky"],
+    }
+    result = run_replay(CLIP, settings(weights, camera=sky), detector=detector)
+    assert result.summary.tracks > 0  # people were tracked...
+    assert result.alerts == []  # ...but none stood in the zone
+
+
+def test_zone_over_the_walkway_is_reported(weights, detector):
+    ground = {"zones": {"walkway": {"coordinates": [[0, 0.3], [1, 0.3], [1, 1], [0, 1]]}}}
+    result = run_replay(CLIP, settings(weights, camera=ground), detector=detector)
+    assert any("walkway" in a.event.entered_zones for a in result.alerts)
+
+
+def test_mask_over_the_whole_frame_gives_no_events(weights, detector):
+    mask = {"masks": [[[0, 0], [1, 0], [1, 1], [0, 1]]]}
+    result = run_replay(CLIP, settings(weights, camera=mask), detector=detector)
+    assert result.summary.tracks == 0
+    assert result.alerts == []
+
+
+@pytest.mark.parametrize(
+    "limit", [{"cooldown": 20.0}, {"max_events_per_minute": 2}], ids=["cooldown", "rate"]
+)
+def test_suppressed_count_equals_the_events_not_sent(weights, detector, people, limit):
+    free = people.summary
+    limited = run_replay(CLIP, settings(weights, objects={**PEOPLE, **limit}), detector=detector).summary
+    assert limited.suppressed > 0
+    sent = limited.new + limited.update + limited.end
+    assert sent + limited.suppressed == free.new + free.update + free.end
+
+
+def test_replay_command_prints_json_summary(weights, tmp_path, capsys):
+    config = {
+        "model": {"path": str(weights), "imgsz": IMGSZ, "device": "cpu", "labels": TEST_LABELS},
+        "detect": {"fps": 1},
+        "objects": PEOPLE,
+        "cameras": {"walkway": {"url": str(CLIP)}},
+    }
+    path = tmp_path / "replay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["replay", str(CLIP), "--config", str(path), "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    keys = {"tracks", "confirmed_tracks", "new", "update", "end", "suppressed", "alerts_per_confirmed_track"}
+    assert keys <= set(body["summary"])
+    assert body["summary"]["new"] == sum(e["type"] == "new" for e in body["events"])
+    assert body["summary"]["new"] > 0
