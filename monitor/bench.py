@@ -28,6 +28,7 @@ tracking and alerts cost less than on trained weights.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import multiprocessing.connection as mpc
@@ -49,7 +50,7 @@ from pydantic import ValidationError
 
 from monitor.alerts import Alert
 from monitor.camera import CameraPipeline
-from monitor.detector import Detector
+from monitor.detector import Detector, exported_model
 from monitor.errors import ConfigError, DetectorError, SourceError
 from monitor.metrics import Metrics
 from monitor.scheduler import Scheduler
@@ -287,6 +288,8 @@ class NaiveResult:
     ultralytics_per_frame_fps: float
     ultralytics_batched_fps: float
     detector_fps: float
+    #: On the CPU: Ultralytics predict per frame on the OpenVINO export (what a careful user writes).
+    openvino_per_frame_fps: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +306,7 @@ class Ratios:
     pipeline_vs_ultralytics_per_frame: float
     pipeline_vs_ultralytics_batched: float
     pipeline_saturated: bool
+    detector_vs_openvino_per_frame: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,11 +382,21 @@ class BenchReport:
                         ("Ultralytics YOLO.predict, 1 frame per call", n.ultralytics_per_frame_fps),
                         (f"Ultralytics YOLO.predict, {n.batch} frames per call", n.ultralytics_batched_fps),
                         (f"monitor Detector.detect, {n.batch} frames per call", n.detector_fps),
+                        *(
+                            [("Ultralytics predict on OpenVINO, 1 frame per call", n.openvino_per_frame_fps)]
+                            if n.openvino_per_frame_fps
+                            else []
+                        ),
                     )
                 ),
                 "ratios (ours / Ultralytics):",
                 f"  detector only: {r.detector_vs_ultralytics_per_frame:.2f}x per-frame predict, "
-                f"{r.detector_vs_ultralytics_batched:.2f}x batched predict",
+                f"{r.detector_vs_ultralytics_batched:.2f}x batched predict"
+                + (
+                    f", {r.detector_vs_openvino_per_frame:.2f}x per-frame OpenVINO predict"
+                    if r.detector_vs_openvino_per_frame
+                    else ""
+                ),
                 f"  end-to-end pipeline fps: {r.pipeline_vs_ultralytics_per_frame:.2f}x per-frame predict, "
                 f"{r.pipeline_vs_ultralytics_batched:.2f}x batched predict"
                 + (
@@ -472,11 +486,15 @@ class SyntheticSource(Source):
         """Capture time of the waiting frame."""
         return self._capture_time(self._due_seq) if self.has_new_frame() else float("inf")
 
-    def take(self) -> Frame | None:
-        """A copy of the newest due frame, or None."""
+    def take(self, not_before: float | None = None) -> Frame | None:
+        """A copy of the newest due frame, or None (dropped and counted when older than ``not_before``)."""
         if not self.has_new_frame():
             return None
         seq = self._due_seq
+        if not_before is not None and self._capture_time(seq) < not_before:
+            self._dropped_counter.inc(seq - self._took_seq)
+            self._took_seq = seq
+            return None
         if self._took_seq >= 0:
             self._dropped_counter.inc(seq - self._took_seq - 1)
         self._took_seq = seq
@@ -820,6 +838,9 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
             pipeline_vs_ultralytics_per_frame=pipeline.processed_fps / naive.ultralytics_per_frame_fps,
             pipeline_vs_ultralytics_batched=pipeline.processed_fps / naive.ultralytics_batched_fps,
             pipeline_saturated=pipeline.saturated,
+            detector_vs_openvino_per_frame=(
+                naive.detector_fps / naive.openvino_per_frame_fps if naive.openvino_per_frame_fps else None
+            ),
         )
     return BenchReport(
         machine=machine,
@@ -943,7 +964,8 @@ class _Loop:
         self.detector = detector
         self.metrics = metrics
         self.recorder = recorder
-        self.scheduler = Scheduler(settings.detect.max_batch)
+        max_age = settings.detect.max_age_ms
+        self.scheduler = Scheduler(settings.detect.max_batch, max_age / 1000 if max_age else None)
         self.cameras = {
             name: CameraPipeline(name, settings, detector.label, BENCH_PREFIX, None)
             for name in settings.cameras
@@ -1118,12 +1140,29 @@ def compare_naive(detector: Detector, frames: list[np.ndarray], batch: int) -> N
     torch.set_num_threads(threads)  # select_device changed it: both sides get the same count
     _to_cpu(model.predict(batches[0], **options))
     detector.detect(batches[0])
+    openvino_fps = None
+    if device.type == "cpu" and importlib.util.find_spec("openvino") is not None:
+        # The same .pt exported the way the daemon does it (cached), run per frame by Ultralytics.
+        weights = model_settings.path
+        if weights.suffix == ".pt":
+            exported = exported_model(weights, "openvino", model_settings.imgsz, detector.sha256)
+            openvino = YOLO(str(exported), task="detect")
+            torch.set_num_threads(threads)
+
+            def openvino_per_frame() -> None:
+                for frame in frames:
+                    _to_cpu(openvino.predict(frame, **options))
+
+            _to_cpu(openvino.predict(frames[0], **options))
+            torch.set_num_threads(threads)
+            openvino_fps = len(frames) / _timed(openvino_per_frame, device)
     return NaiveResult(
         frames=len(frames),
         batch=batch,
         ultralytics_per_frame_fps=len(frames) / _timed(per_frame, device),
         ultralytics_batched_fps=len(frames) / _timed(batched, device),
         detector_fps=len(frames) / _timed(ours, device),
+        openvino_per_frame_fps=openvino_fps,
     )
 
 

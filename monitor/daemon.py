@@ -152,7 +152,7 @@ class Daemon:
             self.health.predict = requests.submit
             app = create_app(self.metrics, self.health, settings.http)
             stack.enter_context(HttpServer(settings.http, app))
-            detector = Detector(settings.model)
+            detector = Detector(settings.model, settings.detect.max_batch)
             logger.info("warm-up took %.2f s", detector.warmup())
             self.device_memory = detector.memory_bytes
             self.health.model_ready = True
@@ -233,7 +233,8 @@ class Daemon:
     def _loop(
         self, stop: threading.Event, detector: Detector, publisher: Publisher | None, requests: RequestQueue
     ) -> None:
-        scheduler = Scheduler(self.settings.detect.max_batch)
+        detect = self.settings.detect
+        scheduler = Scheduler(detect.max_batch, detect.max_age_ms / 1000 if detect.max_age_ms else None)
         while not stop.is_set():
             if self._reload_requested.is_set():
                 self._apply_reload(detector.label, publisher)
@@ -247,6 +248,8 @@ class Daemon:
                 source.check(now)
                 self.metrics.camera_frame_age.labels(source.name).set(source.last_frame_age(now))
             frames = scheduler.pick(self.sources.values(), reserve=1 if requests.pending() else 0)
+            if frames and detect.max_wait_ms > 0:
+                frames += self._fill(scheduler, frames, detect.max_wait_ms / 1000, waitables)
             uploads = requests.take(min(self._upload_share, self.settings.detect.max_batch - len(frames)))
             if frames or uploads:
                 self._process(frames, uploads, detector, publisher)
@@ -259,6 +262,19 @@ class Daemon:
                         self._publish(ended, publisher)
             self.metrics.loop_iterations.inc()
             self._watchdog(now)
+
+    def _fill(
+        self, scheduler: Scheduler, frames: list[Frame], max_wait: float, waitables: list[Any]
+    ) -> list[Frame]:
+        """Wait up to ``max_wait`` after the oldest frame's capture for more cameras to fill the batch."""
+        more: list[Frame] = []
+        deadline = min(f.capture_time for f in frames) + max_wait
+        while len(frames) + len(more) < scheduler.max_batch and (left := deadline - time.time()) > 0:
+            mpc.wait(waitables, timeout=left)
+            for source in self.sources.values():
+                source.drain()
+            more += scheduler.pick(self.sources.values(), reserve=len(frames) + len(more))
+        return more
 
     def _process(
         self, frames: list[Frame], uploads: list[Request], detector: Detector, publisher: Publisher | None

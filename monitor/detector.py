@@ -40,6 +40,14 @@ logger = logging.getLogger(__name__)
 
 PAD_VALUE = 114  # Ultralytics' letterbox grey
 Runtime = Literal["torch", "openvino", "onnx", "exported"]
+#: Batch sizes compiled ahead with ``model.compile``; a batch is padded up to the next one.
+_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _bucket(size: int) -> int:
+    return next(b for b in _BUCKETS if b >= size)
+
+
 _HASH_CHUNK = 1 << 20
 
 
@@ -198,7 +206,7 @@ class Detector:
         DetectorError: The weights are missing, unreadable or not a detection model.
     """
 
-    def __init__(self, settings: ModelSettings) -> None:
+    def __init__(self, settings: ModelSettings, max_batch: int = 16) -> None:
         from ultralytics.nn.autobackend import AutoBackend  # heavy import, only here
 
         self.settings = settings
@@ -214,7 +222,12 @@ class Detector:
             path = exported_model(path, self.runtime, settings.imgsz, self.sha256)
         try:
             self.backend = AutoBackend(
-                str(path), device=self.device, fp16=self.half, fuse=True, verbose=False
+                str(path),
+                device=self.device,
+                fp16=self.half,
+                fuse=True,
+                verbose=False,
+                channels_last=True if self.device.type == "cuda" and self.runtime == "torch" else None,
             )
         except Exception as exc:  # Ultralytics raises many kinds; all mean "unusable file"
             raise DetectorError(
@@ -237,6 +250,11 @@ class Detector:
                     f"model.path {str(path)!r} was exported for imgsz {list(exported)}; "
                     f"set model.imgsz to {exported[0]} or export again with imgsz={settings.imgsz}"
                 )
+        self._pinned: dict[tuple[int, ...], torch.Tensor] = {}
+        self.max_batch = max_batch
+        self.compiled = False
+        if settings.compile:
+            self._compile()
         self.label = f"{settings.path.name}@{self.sha256[:12]}"
         logger.info(
             "model %s loaded on %s with %s (%s, sha256 %s, classes %s)",
@@ -246,6 +264,30 @@ class Detector:
             "fp16" if self.half else "fp32",
             self.sha256,
             sorted(set(self.names.values())),
+        )
+
+    def _compile(self) -> None:
+        """torch.compile the network (CUDA graphs, static shapes per batch bucket); torch runtime only."""
+        if self.runtime != "torch" or self.device.type != "cuda":
+            logger.warning(
+                "model.compile needs the torch runtime on CUDA (have %s on %s): ignored",
+                self.runtime,
+                self.device,
+            )
+            return
+        import torch._dynamo
+
+        # One graph per bucket: let dynamo keep them all instead of falling back to eager.
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(
+                    torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), len(_BUCKETS) + 2)
+                )
+        network = self.backend.backend.model
+        self.backend.backend.model = torch.compile(network, mode="reduce-overhead", dynamic=False)
+        self.compiled = True
+        logger.info(
+            "model compiled (batch buckets %s up to %d); warm-up compiles each", _BUCKETS, self.max_batch
         )
 
     def memory_bytes(self) -> float:
@@ -261,7 +303,11 @@ class Detector:
             Seconds the warm-up took.
         """
         start = time.perf_counter()
-        self.detect([np.full((height, width, 3), PAD_VALUE, np.uint8)])
+        frame = np.full((height, width, 3), PAD_VALUE, np.uint8)
+        for size in _BUCKETS if self.compiled else (1,):  # compile every batch bucket before readiness
+            if size > _bucket(self.max_batch):
+                break
+            self.detect([frame] * size)
         return time.perf_counter() - start
 
     def detect(
@@ -290,6 +336,8 @@ class Detector:
                 t1 = clock()
                 timings["preprocess"] = t1 - t0
             raw = self.backend(batch)
+            if self.compiled and batch.shape[0] > len(images):  # drop the bucket's padding rows
+                raw = raw[0][: len(images)] if isinstance(raw, (list, tuple)) else raw[: len(images)]
             if timings is not None:
                 self._sync()
                 t2 = clock()
@@ -316,17 +364,29 @@ class Detector:
         width = max(p.input_width for p in placements)
         if self.device.type == "cpu":
             return self._preprocess_cpu(images, placements, height, width), placements
-        batch = torch.full(
-            (len(images), 3, height, width), PAD_VALUE / 255, dtype=self.dtype, device=self.device
-        )
+        if self.compiled:
+            height = width = imgsz  # one static shape per batch bucket: compiled graphs are reused
+        rows = _bucket(len(images)) if self.compiled else len(images)
+        batch = torch.full((rows, 3, height, width), PAD_VALUE / 255, dtype=self.dtype, device=self.device)
         for i, (image, p) in enumerate(zip(images, placements, strict=True)):
-            tensor = torch.from_numpy(image).to(self.device, non_blocking=True)
+            # uint8 goes up as it is (a third of float32's bytes), from pinned memory so the
+            # copy is asynchronous; the staging buffers are reused batch after batch.
+            staging = self._staging(i, image.shape)
+            staging.numpy()[...] = image
+            tensor = staging.to(self.device, non_blocking=True)
             tensor = tensor.permute(2, 0, 1).flip(0).unsqueeze(0).to(self.dtype)  # 1x3xHxW RGB
             if (p.height, p.width) != image.shape[:2]:
                 tensor = F.interpolate(tensor, size=(p.height, p.width), mode="bilinear", align_corners=False)
                 tensor = tensor.round_().clamp_(0, 255)  # what cv2's uint8 resize hands Ultralytics
             batch[i, :, p.top : p.top + p.height, p.left : p.left + p.width] = tensor[0] / 255
-        return batch, placements
+        return batch.contiguous(memory_format=torch.channels_last), placements
+
+    def _staging(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        key = (index, *shape)
+        buffer = self._pinned.get(key)
+        if buffer is None:
+            buffer = self._pinned[key] = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        return buffer
 
     @staticmethod
     def _preprocess_cpu(

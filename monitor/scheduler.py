@@ -3,6 +3,8 @@
 Decoders already deliver frames at each camera's detect fps, and keep only
 the newest, so the scheduler takes every camera that has an unseen frame,
 oldest first (no camera starves when more are ready than ``max_batch``).
+A frame older than ``detect.max_age_ms`` when its turn comes is dropped and
+counted rather than detected late.
 Pictures uploaded to ``/predict`` wait in a bounded ``RequestQueue`` and ride
 along in the same batches; while any waits, one place of each batch is kept
 for them, so neither side can starve the other.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import socket
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -26,10 +29,11 @@ from monitor.sources import Frame, Source
 class Scheduler:
     """Builds batches of at most ``max_batch`` frames, oldest capture first."""
 
-    def __init__(self, max_batch: int) -> None:
+    def __init__(self, max_batch: int, max_age: float | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
+        self.max_age = max_age
 
     def pick(self, sources: Iterable[Source], reserve: int = 0) -> list[Frame]:
         """Take the newest frame of each ready camera, oldest waiting first.
@@ -41,10 +45,11 @@ class Scheduler:
         ready = sorted((s for s in sources if s.has_new_frame()), key=lambda s: s.waiting_since())
         frames: list[Frame] = []
         limit = max(0, self.max_batch - reserve)
+        not_before = time.time() - self.max_age if self.max_age is not None else None
         for source in ready:
             if len(frames) == limit:
                 break
-            frame = source.take()
+            frame = source.take(not_before)
             if frame is not None:
                 frames.append(frame)
         return frames

@@ -62,6 +62,11 @@ class ModelSettings(_Section):
         "auto",
         description="auto: torch on CUDA, else OpenVINO (exported once, cached beside the weights).",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile with CUDA graphs at fixed batch buckets (torch on CUDA only); "
+        "warm-up compiles every bucket up to detect.max_batch before readiness.",
+    )
     conf: float = Field(0.25, ge=0.0, le=1.0, description="Detector confidence floor (before tracking).")
     iou: float = Field(0.7, gt=0.0, le=1.0, description="NMS IoU threshold.")
     max_det: int = Field(300, ge=1, description="Most detections kept per frame.")
@@ -89,6 +94,14 @@ class DetectSettings(_Section):
 
     fps: float = Field(5.0, gt=0, le=120, description="Default frames per second analysed per camera.")
     max_batch: int = Field(16, ge=1, le=1024, description="Most frames in one forward pass.")
+    max_wait_ms: float = Field(
+        0.0, ge=0, le=1000, description="Wait this long for more cameras to fill a batch (GPU: 5-10 ms)."
+    )
+    max_age_ms: float | None = Field(
+        2000.0,
+        gt=0,
+        description="Frames older than this when their turn comes are dropped, not detected late.",
+    )
 
 
 class FilterSettings(_Section):

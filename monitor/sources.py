@@ -285,10 +285,19 @@ class Source:
         """Capture time of the waiting frame (for oldest-first scheduling)."""
         return self._ready.capture_time if self._ready is not None else float("inf")
 
-    def take(self) -> Frame | None:
-        """Copy the newest frame out of shared memory, or None if there is no new one."""
+    def take(self, not_before: float | None = None) -> Frame | None:
+        """Copy the newest frame out of shared memory, or None if there is no new one.
+
+        Args:
+            not_before: A frame captured earlier than this (wall clock) is too old to
+                be worth detecting: it is dropped (and counted) instead.
+        """
         ready = self._ready
         if ready is None or ready.seq <= self._taken_seq or self._shm is None:
+            return None
+        if not_before is not None and ready.capture_time < not_before:
+            self._dropped.inc(ready.seq - max(self._taken_seq, -1))  # it and the ones it replaced
+            self._taken_seq = ready.seq
             return None
         assert self._latest_seq is not None
         offset = ready.slot * self._slot_bytes

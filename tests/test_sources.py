@@ -107,3 +107,14 @@ def test_rtsp_camera_delivers_frames_and_survives_server_restart():
             assert source.state is CameraState.ONLINE
     finally:
         server.stop()
+
+
+def test_frame_too_old_for_its_turn_is_dropped_and_counted():
+    metrics = Metrics()
+    with Source("file", CameraSettings(url=str(CLIP)), fps=5, metrics=metrics) as source:
+        pump(source, source.has_new_frame, 20, "a frame")
+        assert source.take(not_before=time.time() + 1.0) is None  # older than allowed
+        assert sample(metrics, "monitor_camera_frames_dropped_total", "file") >= 1
+        assert not source.has_new_frame()
+        fresh = pump(source, source.take, 5, "the next frame")
+        assert fresh.capture_time > time.time() - 1.0
