@@ -69,13 +69,20 @@ def capture_signals(stop: threading.Event, reload: threading.Event | None = None
             signal.signal(sig, old)
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
+def _load_or_report(path: Path) -> Settings | None:
+    """The settings, or None after printing every problem with its key path to stderr."""
     try:
-        settings = _load(args.config)
+        return _load(path)
     except ConfigError as exc:
-        print(f"{args.config}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load_or_report(args.config)
+    if settings is None:
         return EXIT_CONFIG
     cameras = ", ".join(settings.cameras) or "none"
     print(f"{args.config}: valid ({len(settings.cameras)} camera(s): {cameras})")
@@ -119,10 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """The camera pipeline on a video file: event timeline and summary."""
-    try:
-        settings = _load(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    settings = _load_or_report(args.config)
+    if settings is None:
         return EXIT_CONFIG
     _offline_ultralytics()
     from monitor.replay import run_replay  # torch loads here
@@ -138,12 +143,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_shards(args: argparse.Namespace) -> int:
     """Print which shard runs each camera (rendezvous hashing), and the count per shard."""
-    try:
-        settings = _load(args.config)
-    except ConfigError as exc:
-        print(f"{args.config}: {len(exc.problems)} problem(s)", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+    settings = _load_or_report(args.config)
+    if settings is None:
         return EXIT_CONFIG
     count = args.count if args.count is not None else settings.cluster.shard_count
     try:

@@ -184,8 +184,10 @@ class Daemon:
         source = Source(name, camera, settings.camera_fps(name), self.metrics, publisher.publish_status)
         self.sources[name] = source.__enter__()
 
-    def _remove_camera(self, name: str, publisher: Publisher) -> None:
+    def _remove_camera(self, name: str, publisher: Publisher, forget: bool = True) -> None:
         self.sources.pop(name).close()
+        if forget:
+            publisher.forget_status(name)
         ended = self.cameras.pop(name).rules.expire(float("inf"))
         if ended:
             self._publish(ended, publisher)
@@ -224,7 +226,7 @@ class Daemon:
                 continue
             if name in self.sources:
                 logger.info("camera changed: restarting it", extra={"camera": name})
-                self._remove_camera(name, publisher)
+                self._remove_camera(name, publisher, forget=False)
             else:
                 logger.info("camera added", extra={"camera": name})
             self._add_camera(name, self.settings, model, publisher)

@@ -260,6 +260,13 @@ class Publisher:
         if self._connected.is_set():
             self._client.publish(topic, payload, qos=1, retain=True)
 
+    def forget_status(self, camera: str) -> None:
+        """Clear a removed camera's retained status (an empty retained message deletes it)."""
+        topic = self.topic(camera, "status")
+        self._statuses.pop(topic, None)
+        if self._connected.is_set():
+            self._client.publish(topic, b"", qos=1, retain=True)
+
     def _fill(self) -> None:
         """Hand the oldest rows not yet in paho's hands over, up to ``WINDOW``. Holds ``_lock``."""
         room = WINDOW - len(self._inflight)

@@ -241,6 +241,28 @@ def subscriber_factory() -> Iterator[Callable[[int, str], Subscriber]]:
         sub.close()
 
 
+def make_event(event_id: str, kind: str = "new") -> Any:
+    """An Event for publisher tests: a deer at the gate (``new`` carries a snapshot topic)."""
+    from monitor.alerts import Event
+
+    now = time.time()
+    return Event(
+        type=kind,
+        event_id=event_id,
+        camera="gate",
+        label="deer",
+        score=0.9,
+        top_score=0.9,
+        box=[1.0, 2.0, 3.0, 4.0],
+        track_id=1,
+        start_time=now,
+        end_time=now if kind == "end" else None,
+        frame_time=now,
+        model="m.pt@abc",
+        snapshot="t/gate/deer/snapshot" if kind == "new" else None,
+    )
+
+
 def base_config(
     weights: Path, tmp_path: Path, mqtt_port: int, http_port: int, **sections: Any
 ) -> dict[str, Any]:

@@ -27,13 +27,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import SecretStr
 
 from monitor import publisher as publisher_module
-from monitor.alerts import Alert, Event
+from monitor.alerts import Alert
 from monitor.errors import ConfigError, PublishError
 from monitor.metrics import Metrics
 from monitor.publisher import Publisher
 from monitor.settings import MqttSettings, TlsSettings, load_settings
 from monitor.spool import Outgoing, Spool
-from tests.conftest import ROOT, Broker, free_port, wait_until
+from tests.conftest import ROOT, Broker, free_port, make_event, wait_until
 
 #: How long the broker is down in the outage test (the issue asks for 30 s).
 OUTAGE = 30.0
@@ -49,27 +49,8 @@ def fast_reconnect(monkeypatch):
     monkeypatch.setattr(publisher_module, "RECONNECT_MAX", publisher_module.RECONNECT_MIN)
 
 
-def make_event(event_id: str) -> Event:
-    now = time.time()
-    return Event(
-        type="end",
-        event_id=event_id,
-        camera="gate",
-        label="deer",
-        score=0.9,
-        top_score=0.9,
-        box=[1.0, 2.0, 3.0, 4.0],
-        track_id=1,
-        start_time=now,
-        end_time=now,
-        frame_time=now,
-        model="m.pt@abc",
-        snapshot=None,
-    )
-
-
 def alert(event_id: str) -> Alert:
-    return Alert(make_event(event_id), None, time.time())
+    return Alert(make_event(event_id, "end"), None, time.time())
 
 
 def ids(spool: Spool) -> list[str]:

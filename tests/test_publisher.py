@@ -11,26 +11,11 @@ from monitor.publisher import Publisher
 from monitor.settings import MqttSettings
 from monitor.sources import CameraState, CameraStatus
 from monitor.spool import Outgoing, Spool
-from tests.conftest import wait_until
+from tests.conftest import make_event, wait_until
 
 
 def event(event_id: str, kind: str = "new") -> Event:
-    now = time.time()
-    return Event(
-        type=kind,
-        event_id=event_id,
-        camera="gate",
-        label="deer",
-        score=0.9,
-        top_score=0.9,
-        box=[1.0, 2.0, 3.0, 4.0],
-        track_id=1,
-        start_time=now,
-        end_time=None,
-        frame_time=now,
-        model="m.pt@abc",
-        snapshot="t/gate/deer/snapshot" if kind == "new" else None,
-    )
+    return make_event(event_id, kind)
 
 
 def test_spooled_messages_from_a_previous_run_are_replayed_then_removed(tmp_path, broker, subscriber_factory):
