@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Literal
 
 import supervision as sv
 
@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 #: Longest the loop sleeps without a frame (watchdogs and stop checks run this often).
 LOOP_TICK = 0.2
+SYNCHRONOUS: dict[str, Literal["FULL", "NORMAL", "AUTO"]] = {
+    "full": "FULL",
+    "normal": "NORMAL",
+    "auto": "AUTO",
+}
 #: Least seconds without a processed frame (with cameras online) before WATCHDOG=1 stops.
 STALL_GRACE = 10.0
 #: Uploaded pictures take at most 1/UPLOAD_SHARE of a batch next to camera frames.
@@ -137,7 +142,7 @@ class Daemon:
                         settings.spool.path,
                         settings.spool.max_events,
                         settings.spool.max_age,
-                        synchronous="FULL" if settings.spool.synchronous == "full" else "NORMAL",
+                        synchronous=SYNCHRONOUS[settings.spool.synchronous],
                     )
                 )
                 instance = self.shard.instance_id if self.shard.count > 1 else None

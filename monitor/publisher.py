@@ -348,6 +348,7 @@ class Publisher:
         client.publish(self.available_topic, "online", qos=1, retain=True)
         for topic, payload in list(self._statuses.items()):
             client.publish(topic, payload, qos=1, retain=True)
+        self._spool.broker_connected(True)
         self._connected.set()
         self._metrics.mqtt_connected.set(1)
 
@@ -361,6 +362,7 @@ class Publisher:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        self._spool.broker_connected(False)
         self._metrics.mqtt_connected.set(0)
         if was and reason.is_failure:
             self.last_error = f"disconnected: {reason}"

@@ -384,10 +384,10 @@ class SpoolSettings(_Section):
     max_age: float = Field(
         7 * 24 * 3600.0, gt=0, description="Seconds a message is kept; older ones are dropped."
     )
-    synchronous: Literal["full", "normal"] = Field(
-        "full",
-        description="full: an event survives a power cut (one fsync each, ~+4 ms p99 on a slow disk); "
-        "normal: it survives a daemon crash only.",
+    synchronous: Literal["auto", "full", "normal"] = Field(
+        "auto",
+        description="full: every event survives a power cut (one fsync each, ~+4 ms p99 on a slow disk); "
+        "normal: a daemon crash only; auto: normal while the broker is connected, full while not.",
     )
 
 

@@ -95,7 +95,10 @@ class Spool:
         max_age: Seconds a row is kept; older rows are dropped.
         clock: Wall-clock time (``time.time``); tests pass their own.
         synchronous: SQLite's ``synchronous`` for writes: ``FULL`` survives a power cut,
-            ``NORMAL`` only a crash of the process (the benchmark compares them).
+            ``NORMAL`` only a crash of the process (the benchmark compares them); ``AUTO``
+            is ``NORMAL`` while the broker is connected (a message is acknowledged within
+            milliseconds) and ``FULL`` while it is not (messages wait on disk, maybe for
+            hours); the switch to ``FULL`` syncs what was written before it.
 
     Raises:
         PublishError: The file cannot be opened or is not a spool.
@@ -107,26 +110,29 @@ class Spool:
         max_events: int = DEFAULT_MAX_EVENTS,
         max_age: float = DEFAULT_MAX_AGE,
         clock: Callable[[], float] = time.time,
-        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        synchronous: Literal["FULL", "NORMAL", "AUTO"] = "FULL",
     ) -> None:
         if max_events < 1:
             raise ValueError(f"max_events must be >= 1, got {max_events}")
         if max_age <= 0:
             raise ValueError(f"max_age must be > 0 seconds, got {max_age}")
-        if synchronous not in ("FULL", "NORMAL"):
-            raise ValueError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
+        if synchronous not in ("FULL", "NORMAL", "AUTO"):
+            raise ValueError(f"synchronous must be FULL, NORMAL or AUTO, got {synchronous!r}")
+        self._auto = synchronous == "AUTO"
+        # AUTO starts FULL: nothing is connected yet.
+        initial: Literal["FULL", "NORMAL"] = "NORMAL" if synchronous == "NORMAL" else "FULL"
         self.path = path
         self.max_events = max_events
         self.max_age = max_age
         self._clock = clock
-        self._synchronous = synchronous
+        self._synchronous = initial
         self._lock = threading.Lock()
         self._closed = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.execute(f"PRAGMA synchronous={initial}")
             self._db.execute(_SCHEMA)
             self._count = int(self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
         except (sqlite3.Error, OSError) as exc:
@@ -214,6 +220,22 @@ class Spool:
             dropped += self._db.execute("DELETE FROM messages WHERE id <= ?", (last,)).rowcount
             first_kept = last + 1
         return dropped, first_kept
+
+    def broker_connected(self, connected: bool) -> None:
+        """With ``synchronous=AUTO``: NORMAL while connected, FULL (after syncing the WAL) while not."""
+        if not self._auto:
+            return
+        wanted: Literal["FULL", "NORMAL"] = "NORMAL" if connected else "FULL"
+        with self._lock:
+            if self._closed or wanted == self._synchronous:
+                return
+            try:
+                self._db.execute(f"PRAGMA synchronous={wanted}")
+                if wanted == "FULL":  # what was committed under NORMAL reaches the disk now
+                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                raise PublishError(f"cannot change the spool's durability: {exc}") from exc
+            self._synchronous = wanted
 
     def remove(self, message_id: int) -> bool:
         """Forget an acknowledged message; False when it was no longer there (dropped).

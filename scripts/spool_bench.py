@@ -8,7 +8,8 @@ through the real ``monitor.publisher.Publisher`` for SECONDS per mode:
 * ``full``: the real ``Spool`` with ``synchronous=FULL`` (the default: a
   message survives a power cut);
 * ``normal``: the real ``Spool`` with ``synchronous=NORMAL`` (survives a crash
-  of the daemon, not of the machine).
+  of the daemon, not of the machine);
+* ``auto`` (the default): NORMAL while the broker is connected, FULL while not.
 
 Modes run interleaved, in ROUNDS rounds (the order rotates each round), each
 with a fresh spool file in DIR (default: the system's temporary directory;
@@ -42,8 +43,8 @@ from monitor.publisher import Publisher
 from monitor.settings import MqttSettings
 from monitor.spool import Message, Outgoing, Spool, Stored
 
-Mode = Literal["memory", "full", "normal"]
-MODES: tuple[Mode, ...] = ("memory", "full", "normal")
+Mode = Literal["memory", "full", "normal", "auto"]
+MODES: tuple[Mode, ...] = ("memory", "full", "normal", "auto")
 #: Events sent as fast as possible before measuring: past SQLite's first WAL
 #: checkpoint (1000 pages), so the WAL file has its steady size, as in a
 #: daemon that has run for a while, instead of growing on every commit.
@@ -77,6 +78,9 @@ class MemorySpool(Spool):
 
     def trim(self) -> int:
         return 0
+
+    def broker_connected(self, connected: bool) -> None:
+        pass
 
     def remove(self, message_id: int) -> bool:
         with self._mem_lock:
@@ -168,7 +172,7 @@ def run(
         spool: Spool = MemorySpool()
     else:
         path = directory / f"spool-{mode}-{time.monotonic_ns()}.db"
-        spool = Spool(path, synchronous="FULL" if mode == "full" else "NORMAL")
+        spool = Spool(path, synchronous={"full": "FULL", "normal": "NORMAL", "auto": "AUTO"}[mode])
     settings = MqttSettings(port=port, topic_prefix="bench", client_id=f"bench-{mode}")
     calls: list[float] = []
     with spool, Publisher(settings, spool, metrics) as publisher:
@@ -245,7 +249,7 @@ def main() -> None:
             f" {percentile(call, 0.99):>6.2f}"
         )
     base = percentile(latencies["memory"], 0.99)
-    for mode in ("full", "normal"):
+    for mode in ("full", "normal", "auto"):
         extra = (percentile(latencies[mode], 0.99) - base) * 1e3
         print(f"p99 added by the spool with synchronous={mode.upper()}: {extra:+.2f} ms")
 
