@@ -186,22 +186,12 @@ class Subscriber:
         assert self._subscribed.wait(10), "subscription not acknowledged"
 
     def wait_for(
-        self,
-        predicate: Callable[[mqtt.MQTTMessage], bool],
-        timeout: float,
-        what: str,
-        fresh: bool = False,
+        self, predicate: Callable[[mqtt.MQTTMessage], bool], timeout: float, what: str
     ) -> mqtt.MQTTMessage:
-        """The first message matching ``predicate``: already seen, or arriving before the deadline.
-
-        With ``fresh``, only messages that arrive from now on count.
-        """
-        if fresh:
-            self.drain()
-        else:
-            for message in self.seen:
-                if predicate(message):
-                    return message
+        """The first message matching ``predicate``: already seen, or arriving before the deadline."""
+        for message in self.seen:
+            if predicate(message):
+                return message
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
