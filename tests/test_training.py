@@ -12,11 +12,14 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import httpx
 import numpy as np
 import pytest
 import supervision as sv
@@ -27,7 +30,7 @@ from monitor import training
 from monitor.cli import EXIT_STARTUP, main
 from monitor.detector import Detector, sha256_of
 from monitor.settings import ModelSettings
-from tests.conftest import CLIP, PEOPLE_JPG
+from tests.conftest import CLIP, PEOPLE_JPG, TEST_LABELS, free_port, wait_until
 
 CLASSES = ["square", "disc"]
 IMAGE_SIZE = 64
@@ -221,7 +224,7 @@ def test_onnx_export_is_dynamic_and_detects_like_the_pt_weights(weights: Path, t
     assert onnx == tmp_path / "fall.onnx"
     assert onnx.is_file()
     settings = {"imgsz": EXPORT_IMGSZ, "device": "cpu", "conf": PARITY_CONF}
-    reference = Detector(ModelSettings(path=pt, **settings))
+    reference = Detector(ModelSettings(path=pt, backend="torch", **settings))
     exported = Detector(ModelSettings(path=onnx, **settings))
     assert exported.rect, "a dynamic export takes the same rectangular batches as the .pt weights"
     frames = parity_frames()
@@ -240,6 +243,55 @@ def test_onnx_export_is_dynamic_and_detects_like_the_pt_weights(weights: Path, t
         assert want.class_id is not None
         np.testing.assert_allclose(have.confidence[match], want.confidence, atol=PARITY_CONF_TOLERANCE)
         np.testing.assert_array_equal(have.class_id[match], want.class_id)
+
+
+@pytest.mark.filterwarnings(*ONNX_EXPORT_WARNINGS)
+def test_predict_endpoint_serves_the_exported_model(weights: Path, tmp_path: Path) -> None:
+    """`monitor serve` with model.path pointing at an ONNX export answers /predict like the .pt does."""
+    pt = tmp_path / "fall.pt"
+    shutil.copyfile(weights, pt)
+    onnx = Path(run_cli(["export", "--model", pt, "--format", "onnx", "--imgsz", EXPORT_IMGSZ]).out.strip())
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(onnx), "imgsz": EXPORT_IMGSZ, "device": "cpu", "labels": TEST_LABELS},
+                "http": {"port": port},
+            }
+        )
+    )
+    with (tmp_path / "serve.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "serve", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, 60, "monitor serve on the ONNX model")
+        answer = httpx.post(f"{url}/predict", files={"file": ("p.jpg", PEOPLE_JPG.read_bytes())}, timeout=30)
+        assert answer.status_code == 200
+        results = answer.json()["results"]
+        reference = Detector(
+            ModelSettings(path=pt, imgsz=EXPORT_IMGSZ, device="cpu", backend="torch", labels=TEST_LABELS)
+        )
+        (expected,) = reference.detect([cv2.imread(str(PEOPLE_JPG))])
+        assert len(results) == len(expected) > 0
+        assert {r["label"] for r in results} == {"person"}
+        got = np.array([r["boxes"] for r in results], dtype=np.float32)
+        assert (sv.box_iou_batch(expected.xyxy, got).max(axis=1) >= PARITY_IOU).all()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
 
 
 @pytest.mark.parametrize(
