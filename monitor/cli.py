@@ -152,11 +152,12 @@ def cmd_shards(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: --count: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    placed = {camera: index for index, names in shards.items() for camera in names}
     width = max([len("camera"), *(len(name) for name in settings.cameras)])
     print(f"{'camera':<{width}}  shard")
     for name in sorted(settings.cameras):
         disabled = "" if settings.cameras[name].enabled else "  (disabled)"
-        print(f"{name:<{width}}  {cluster.owner(name, count)}{disabled}")
+        print(f"{name:<{width}}  {placed[name]}{disabled}")
     for index, names in shards.items():
         print(f"shard {index}: {len(names)} camera(s)")
     return 0

@@ -20,7 +20,7 @@ from monitor.cluster import (
     Shard,
     assign,
     mine,
-    owner,
+    owners,
     resolve,
     shard_index_from_hostname,
 )
@@ -55,10 +55,10 @@ def test_camera_fleet_has_400_distinct_names():
     assert len(set(CAMERAS)) == len(CAMERAS) == 400
 
 
-def test_owner_is_the_same_on_every_call():
-    first = [owner(camera, 7) for camera in CAMERAS]
-    assert [owner(camera, 7) for camera in CAMERAS] == first
-    assert all(0 <= shard < 7 for shard in first)
+def test_owners_are_the_same_on_every_call():
+    first = owners(CAMERAS, 7)
+    assert owners(CAMERAS, 7) == first
+    assert all(0 <= shard < 7 for shard in first.values())
 
 
 def test_assignment_does_not_depend_on_input_order():
@@ -88,10 +88,12 @@ def test_assignment_is_the_same_in_processes_with_other_hash_seeds():
         assert json.loads(out) == expected
 
 
-def test_owner_of_a_camera_does_not_depend_on_the_other_cameras():
-    alone = {camera: owner(camera, 7) for camera in FARM}
-    in_fleet = {camera: shard for shard, names in assign(CAMERAS, 7).items() for camera in names}
-    assert all(in_fleet[camera] == shard for camera, shard in alone.items())
+def test_adding_or_removing_one_camera_moves_only_a_few_others():
+    base = owners(CAMERAS, 7)
+    for fleet in ([*CAMERAS, "new-cam"], [c for c in CAMERAS if c != "pond"]):
+        changed = owners(fleet, 7)
+        moved = [c for c in fleet if c in base and base[c] != changed[c]]
+        assert len(moved) <= 10, moved
 
 
 def test_every_camera_is_run_by_exactly_one_shard():
@@ -106,15 +108,13 @@ def test_every_shard_is_listed_even_when_empty():
     assert assign([], 3) == {0: [], 1: [], 2: []}
 
 
-@pytest.mark.parametrize(("cameras", "count"), [(CAMERAS, 7), (CAMERAS, 3), (CAMERAS, 16)])
-def test_shards_get_balanced_camera_counts(cameras, count):
-    # Each shard's count is Binomial(n, 1/count); a good hash stays within 4 standard
-    # deviations of n/count (a broken one, e.g. on the name's length or first letter, does not).
-    sizes = [len(names) for names in assign(cameras, count).values()]
-    n = len(cameras)
-    mean, sd = n / count, math.sqrt(n * (1 / count) * (1 - 1 / count))
-    assert all(abs(size - mean) <= 4 * sd for size in sizes), (sizes, mean, sd)
-    assert min(sizes) > 0
+@pytest.mark.parametrize("count", [2, 3, 7, 16])
+def test_shards_get_balanced_camera_counts(count):
+    # The bound: max/min <= 1.5 for 400 cameras over 7 shards. The load bound gives
+    # every fleet an even split, to one camera.
+    sizes = [len(names) for names in assign(CAMERAS, count).values()]
+    assert max(sizes) / min(sizes) <= 1.5, sizes
+    assert max(sizes) <= math.ceil(len(CAMERAS) / count)
 
 
 def test_large_fleet_is_balanced_within_a_few_percent():
@@ -124,20 +124,19 @@ def test_large_fleet_is_balanced_within_a_few_percent():
 
 
 @pytest.mark.parametrize("count", range(1, 9))
-def test_adding_a_shard_moves_about_one_in_count_plus_one_cameras_all_to_the_new_shard(count):
-    before = {camera: owner(camera, count) for camera in CAMERAS}
-    after = {camera: owner(camera, count + 1) for camera in CAMERAS}
+def test_adding_a_shard_moves_about_one_in_count_plus_one_cameras_mostly_to_the_new_shard(count):
+    before, after = owners(CAMERAS, count), owners(CAMERAS, count + 1)
     moved = [camera for camera in CAMERAS if before[camera] != after[camera]]
     assert len(moved) <= 1.5 * len(CAMERAS) / (count + 1), len(moved)
-    assert moved, "the new shard got no camera"
-    assert {after[camera] for camera in moved} == {count}
+    to_new = sum(after[camera] == count for camera in moved)
+    assert to_new >= 0.75 * len(moved), (to_new, len(moved))
 
 
-def test_removing_the_last_shard_moves_only_its_cameras():
-    before = {camera: owner(camera, 5) for camera in CAMERAS}
-    after = {camera: owner(camera, 4) for camera in CAMERAS}
+def test_removing_the_last_shard_moves_about_its_share():
+    before, after = owners(CAMERAS, 5), owners(CAMERAS, 4)
     moved = {camera for camera in CAMERAS if before[camera] != after[camera]}
-    assert moved == {camera for camera, shard in before.items() if shard == 4}
+    assert len(moved) <= 1.5 * len(CAMERAS) / 5
+    assert {camera for camera, shard in before.items() if shard == 4} <= moved
 
 
 def test_single_shard_owns_everything():
@@ -147,7 +146,7 @@ def test_single_shard_owns_everything():
 @pytest.mark.parametrize("count", [0, -1, 1025])
 def test_shard_count_out_of_range_is_rejected(count):
     with pytest.raises(ValueError, match=rf"shard count must be 1\.\.1024, got {count}"):
-        owner("gate", count)
+        owners(["gate"], count)
     with pytest.raises(ValueError, match="shard count must be"):
         assign(["gate"], count)
 
@@ -212,7 +211,8 @@ def test_resolve_needs_an_ordinal_when_sharded_by_host_name():
 
 def test_shard_owns_what_owner_says():
     shard = resolve(ClusterSettings(shard_count=3), "monitor-1")
-    assert mine(CAMERAS, shard) == [camera for camera in CAMERAS if owner(camera, 3) == 1]
+    placed = owners(CAMERAS, 3)
+    assert mine(CAMERAS, shard) == [camera for camera in CAMERAS if placed[camera] == 1]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from monitor.cluster import owner
+from monitor.cluster import owners
 from tests.conftest import CLIP, base_config, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -17,7 +17,7 @@ CAMERAS = ["gate", "barn", "orchard", "pond"]
 def test_two_shards_split_the_cameras_and_report_their_own_availability(
     weights, tmp_path, broker, subscriber_factory, daemon_factory
 ):
-    shards = {name: owner(name, 2) for name in CAMERAS}
+    shards = owners(CAMERAS, 2)
     assert set(shards.values()) == {0, 1}, "the test needs cameras on both shards"
     events = subscriber_factory(broker.port, "test/#")
     daemons = []
