@@ -985,9 +985,7 @@ class _Loop:
         for source in self.sources:
             source.drain()
             source.check(now)
-        # Oldest first here too: the scheduler sorts with ``Source.waiting_since`` of the base
-        # class, which a synthetic source does not fill in; its stable sort keeps this order.
-        frames = self.scheduler.pick(sorted(self.sources, key=lambda s: s.waiting_since()))
+        frames = self.scheduler.pick(self.sources)
         if frames:
             self._process(frames)
         wall = time.time()

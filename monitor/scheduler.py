@@ -1,8 +1,12 @@
 """The scheduler: which frames and uploaded pictures go into the next forward pass.
 
 Decoders already deliver frames at each camera's detect fps, and keep only
-the newest, so the scheduler takes every camera that has an unseen frame,
-oldest first (no camera starves when more are ready than ``max_batch``).
+the newest, so the scheduler takes every camera that has an unseen frame.
+When more are ready than ``max_batch`` (overload), the cameras served least
+recently go first: round robin, which gives every camera an equal share of
+the detector up to what it asks for (max-min fairness). Oldest frame first
+would not do: a fast camera's frame is always fresh (newer ones replace it),
+so under overload it would lose every time to a slow camera.
 A frame older than ``detect.max_age_ms`` when its turn comes is dropped and
 counted rather than detected late.
 Pictures uploaded to ``/predict`` wait in a bounded ``RequestQueue`` and ride
@@ -34,15 +38,20 @@ class Scheduler:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
         self.max_age = max_age
+        self._turn = 0
+        self._served: dict[str, int] = {}  # camera -> the turn it was last served
 
     def pick(self, sources: Iterable[Source], reserve: int = 0) -> list[Frame]:
-        """Take the newest frame of each ready camera, oldest waiting first.
+        """Take the newest frame of each ready camera, least recently served first.
 
         Args:
             sources: The cameras.
             reserve: Places of the batch to leave free (for waiting uploads).
         """
-        ready = sorted((s for s in sources if s.has_new_frame()), key=lambda s: s.waiting_since())
+        ready = sorted(
+            (s for s in sources if s.has_new_frame()),
+            key=lambda s: (self._served.get(s.name, -1), s.waiting_since()),
+        )
         frames: list[Frame] = []
         limit = max(0, self.max_batch - reserve)
         not_before = time.time() - self.max_age if self.max_age is not None else None
@@ -50,6 +59,8 @@ class Scheduler:
             if len(frames) == limit:
                 break
             frame = source.take(not_before)
+            self._turn += 1
+            self._served[source.name] = self._turn  # a stale frame dropped counts as a turn too
             if frame is not None:
                 frames.append(frame)
         return frames

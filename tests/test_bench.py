@@ -160,7 +160,7 @@ def test_slow_camera_gets_its_frames_next_to_a_camera_ten_times_faster_under_ove
         "--model", str(weights),
         "--label", "Normal=person",
         "--label", "Fall=person",
-        "--imgsz", str(IMGSZ),
+        "--imgsz", str(IMGSZ),  # torch at 320 on 2 cores: ~20 frames/s, below the 33 offered
         "--device", "cpu",
         "--backend", "torch",
         "--clip", str(fast_clip),
@@ -173,10 +173,7 @@ def test_slow_camera_gets_its_frames_next_to_a_camera_ten_times_faster_under_ove
 
     fast, slow = report["pipeline"]["streams"]
     assert (fast["fps"], slow["fps"]) == (30, 3)
-    if fast["dropped"] == 0:
-        pytest.skip(
-            f"the detector kept up with {report['pipeline']['offered_fps']:.0f} frames/s: no overload"
-        )
+    assert fast["dropped"] > 0, "the test needs an overloaded detector"
     assert slow["delivered"] >= 10, slow
     assert slow["processed"] >= 0.8 * slow["delivered"], (slow, fast)
 
