@@ -132,11 +132,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     _offline_ultralytics()
     from monitor.replay import run_replay  # torch loads here
 
-    try:
-        result = run_replay(args.video, settings, camera=args.camera)
-    except MonitorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STARTUP
+    result = run_replay(args.video, settings, camera=args.camera)
     print(result.to_json() if args.json else result.timeline())
     return 0
 
@@ -175,36 +171,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from monitor.settings import ModelSettings
     from monitor.snapshots import Annotator, encode_jpeg, labels_of
 
-    try:
-        if args.config is not None:
-            model = _load(args.config).model
-        else:
-            model = ModelSettings(path=args.model, labels=dict(args.label or []))
-        updates = {k: v for k, v in (("imgsz", args.imgsz), ("device", args.device)) if v is not None}
-        model = model.model_copy(update=updates)
-        detector = Detector(model)
-        annotator = Annotator()
+    if args.config is not None:
+        model = _load(args.config).model
+    else:
+        model = ModelSettings(path=args.model, labels=dict(args.label or []))
+    updates = {k: v for k, v in (("imgsz", args.imgsz), ("device", args.device)) if v is not None}
+    model = model.model_copy(update=updates)
+    detector = Detector(model)
+    annotator = Annotator()
+    if args.save is not None:
+        args.save.mkdir(parents=True, exist_ok=True)
+    pictures = iter_pictures(args.paths, vid_stride=args.vid_stride)
+    for picture in tqdm(pictures, total=count_inputs(args.paths), unit="img", disable=None, file=sys.stderr):
+        (found,) = detector.detect([picture.image], conf=args.conf)
+        line = {"path": str(picture.path), **to_response(found).model_dump()}
+        if picture.frame is not None:
+            line["frame"] = picture.frame
+        print(json.dumps(line), flush=True)
         if args.save is not None:
-            args.save.mkdir(parents=True, exist_ok=True)
-        pictures = iter_pictures(args.paths, vid_stride=args.vid_stride)
-        for picture in tqdm(
-            pictures, total=count_inputs(args.paths), unit="img", disable=None, file=sys.stderr
-        ):
-            (found,) = detector.detect([picture.image], conf=args.conf)
-            line = {"path": str(picture.path), **to_response(found).model_dump()}
-            if picture.frame is not None:
-                line["frame"] = picture.frame
-            print(json.dumps(line), flush=True)
-            if args.save is not None:
-                suffix = f"_{picture.frame:06d}" if picture.frame is not None else ""
-                out = args.save / f"{picture.path.stem}{suffix}.jpg"
-                out.write_bytes(encode_jpeg(annotator.draw(picture.image, found, labels_of(found))))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except MonitorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STARTUP
+            suffix = f"_{picture.frame:06d}" if picture.frame is not None else ""
+            out = args.save / f"{picture.path.stem}{suffix}.jpg"
+            out.write_bytes(encode_jpeg(annotator.draw(picture.image, found, labels_of(found))))
     return 0
 
 
@@ -249,12 +236,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for error in exc.errors():
             print(f"error: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
         return EXIT_CONFIG
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except MonitorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STARTUP
     print(report.to_json() if args.json else report.text())
     return 0
 
@@ -270,20 +251,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     _offline_ultralytics()
     from monitor import training  # torch loads here
 
-    try:
-        best = training.train(
-            args.data,
-            model=args.model,
-            epochs=args.epochs,
-            imgsz=args.imgsz,
-            batch=args.batch,
-            device=args.device,
-            project=args.project,
-            name=args.name,
-        )
-    except MonitorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STARTUP
+    best = training.train(
+        args.data,
+        model=args.model,
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        device=args.device,
+        project=args.project,
+        name=args.name,
+    )
     print(best)
     print(training.model_card_path(best))
     return 0
@@ -293,13 +270,7 @@ def cmd_val(args: argparse.Namespace) -> int:
     _offline_ultralytics()
     from monitor import training  # torch loads here
 
-    try:
-        report = training.validate(
-            args.data, args.model, imgsz=args.imgsz, batch=args.batch, device=args.device
-        )
-    except MonitorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STARTUP
+    report = training.validate(args.data, args.model, imgsz=args.imgsz, batch=args.batch, device=args.device)
     print(report.to_json() if args.json else training.format_table(report))
     return 0
 
@@ -308,13 +279,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     _offline_ultralytics()
     from monitor import training  # torch loads here
 
-    try:
-        out = training.export(
-            args.model, args.format, imgsz=args.imgsz, dynamic=args.dynamic, half=args.half, batch=args.batch
-        )
-    except MonitorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STARTUP
+    out = training.export(
+        args.model, args.format, imgsz=args.imgsz, dynamic=args.dynamic, half=args.half, batch=args.batch
+    )
     print(out)
     return 0
 
@@ -509,8 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A command's MonitorError becomes ``error: ...`` and exit 3 (2 for config)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except MonitorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
 
 
 if __name__ == "__main__":

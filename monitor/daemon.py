@@ -242,33 +242,45 @@ class Daemon:
     ) -> None:
         detect = self.settings.detect
         scheduler = Scheduler(detect.max_batch, detect.max_age_ms / 1000 if detect.max_age_ms else None)
+        last_chores = 0.0
         while not stop.is_set():
             if self._reload_requested.is_set():
                 self._apply_reload(detector.label, publisher)
-            waitables: list[Any] = [s.connection for s in self.sources.values() if s.connection is not None]
+            by_connection = {s.connection: s for s in self.sources.values() if s.connection is not None}
+            waitables: list[Any] = list(by_connection)
             # Frames or uploads left over from a full batch go next, without waiting.
             behind = requests.pending() or any(s.has_new_frame() for s in self.sources.values())
-            mpc.wait([*waitables, requests.waker], timeout=0 if behind else LOOP_TICK)
+            for ready in mpc.wait([*waitables, requests.waker], timeout=0 if behind else LOOP_TICK):
+                if ready in by_connection:  # only the cameras that sent something
+                    by_connection[ready].drain()
             now = time.monotonic()
-            for source in self.sources.values():
-                source.drain()
-                source.check(now)
-                self.metrics.camera_frame_age.labels(source.name).set(source.last_frame_age(now))
+            # Watchdogs, expiring tracks and systemd pings need not run at every frame's
+            # wake-up (thousands a second with many cameras): LOOP_TICK is their pace.
+            chores = now - last_chores >= LOOP_TICK
+            if chores:
+                last_chores = now
+                for source in self.sources.values():
+                    source.check(now)
             frames = scheduler.pick(self.sources.values(), reserve=1 if requests.pending() else 0)
             if frames and detect.max_wait_ms > 0:
                 frames += self._fill(scheduler, frames, detect.max_wait_ms / 1000, waitables)
             uploads = requests.take(min(self._upload_share, self.settings.detect.max_batch - len(frames)))
             if frames or uploads:
                 self._process(frames, uploads, detector, publisher)
-            wall = time.time()
-            seen = {f.camera for f in frames}
-            for name, camera in self.cameras.items():
-                if name not in seen and publisher is not None:
-                    ended = camera.rules.expire(wall)
-                    if ended:
-                        self._publish(ended, publisher)
             self.metrics.loop_iterations.inc()
-            self._watchdog(now)
+            if chores:
+                self._expire_tracks(publisher)
+                self._watchdog(now)
+
+    def _expire_tracks(self, publisher: Publisher | None) -> None:
+        """End the tracks of cameras that have gone quiet (those with frames end theirs as they go)."""
+        if publisher is None:
+            return
+        wall = time.time()
+        for camera in self.cameras.values():
+            ended = camera.rules.expire(wall)
+            if ended:
+                self._publish(ended, publisher)
 
     def _fill(
         self, scheduler: Scheduler, frames: list[Frame], max_wait: float, waitables: list[Any]

@@ -182,6 +182,8 @@ class Source:
         self._dropped = metrics.frames_dropped.labels(name)
         self._reconnects = metrics.camera_reconnects.labels(name)
         self._up = metrics.camera_up.labels(name)
+        # Read at scrape time: no work in the pipeline loop.
+        metrics.camera_frame_age.labels(name).set_function(lambda: self.last_frame_age(time.monotonic()))
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> Source:
