@@ -166,7 +166,12 @@ class Source:
         self._conn: mpc.Connection | None = None
         self._ready: _FrameReady | None = None
         self._taken_seq = -1
+        # The watchdog's clock: the last frame of the current decoder, or its start.
         self._last_frame = 0.0
+        # The last frame ever received, for the frame-age metric: it survives reconnects,
+        # so a camera that has been offline for hours shows hours.
+        self._last_received: float | None = None
+        self._created = time.monotonic()
         self._started = 0.0
         self._opening = False
         self._online_since = 0.0
@@ -262,7 +267,7 @@ class Source:
             if isinstance(message, _FrameReady):
                 self._ready = message
                 self._frames.inc()
-                self._last_frame = time.monotonic()
+                self._last_frame = self._last_received = time.monotonic()
                 if self.state is not CameraState.ONLINE:
                     self._online_since = self._last_frame
                     self._set_state(CameraState.ONLINE, None)
@@ -367,8 +372,8 @@ class Source:
         return CameraStatus(self.name, self.state, self.since, self.reason, self.reconnects)
 
     def last_frame_age(self, now: float) -> float:
-        """Seconds since the last frame arrived (since start when none has)."""
-        return now - self._last_frame
+        """Seconds since the last frame arrived, across reconnects (since creation when none has)."""
+        return now - (self._last_received if self._last_received is not None else self._created)
 
 
 # -- the child process ------------------------------------------------------------

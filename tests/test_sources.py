@@ -10,7 +10,7 @@ import pytest
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
 from monitor.sources import CameraState, CameraStatus, Source
-from tests.conftest import CLIP, start_rtsp_server
+from tests.conftest import CLIP, free_port, start_rtsp_server
 
 
 def pump(source: Source, until, timeout: float, what: str):
@@ -118,3 +118,20 @@ def test_frame_too_old_for_its_turn_is_dropped_and_counted():
         assert not source.has_new_frame()
         fresh = pump(source, source.take, 5, "the next frame")
         assert fresh.capture_time > time.time() - 1.0
+
+
+def test_frame_age_keeps_growing_across_reconnects_of_a_dead_camera():
+    metrics = Metrics()
+    # Nothing listens on the port: every attempt is refused at once; the small backoff
+    # makes the decoder restart several times in a few seconds.
+    settings = CameraSettings(url=f"rtsp://127.0.0.1:{free_port()}/live", open_timeout=3, backoff_max=0.2)
+    created = time.monotonic()
+    with Source("dead", settings, fps=5, metrics=metrics) as source:
+        ages = []
+        for count in range(1, 5):
+            pump(source, lambda count=count: source.reconnects >= count, 20, f"reconnect {count}")
+            ages.append(sample(metrics, "monitor_camera_last_frame_age_seconds", "dead"))
+            # The metric counts from the Source's creation, not from the newest decoder.
+            assert ages[-1] >= time.monotonic() - created - 0.5, (count, ages)
+        assert source.state in (CameraState.STARTING, CameraState.OFFLINE)
+        assert ages == sorted(ages), ages
