@@ -6,7 +6,6 @@ Speed is never asserted here (see docs/benchmarks.md for measured numbers).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import cv2
@@ -17,7 +16,7 @@ from monitor.bench import STAGES, SyntheticSource, synthetic_frames
 from monitor.cli import main
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
-from tests.conftest import CLIP, TEST_LABELS
+from tests.conftest import CLIP, TEST_LABELS, wait_until
 
 IMGSZ = 320
 #: Thresholds for the test weights, which score people on this clip at 0.3-0.6.
@@ -182,22 +181,27 @@ def test_synthetic_stream_counts_replaced_frames_as_dropped():
     metrics = Metrics()
     settings = CameraSettings(url="synthetic")
     images = synthetic_frames(64, 48, count=2)
+
+    def sample(name: str) -> float:
+        return metrics.registry.get_sample_value(name, {"camera": "synth"}) or 0.0
+
     with SyntheticSource("synth", settings, fps=50, metrics=metrics, images=images, phase=0.0) as source:
-        time.sleep(0.1)
-        source.drain()
+
+        def delivered() -> float:
+            source.drain()
+            return sample("monitor_camera_frames_total")
+
+        wait_until(lambda: delivered() >= 1 and source.has_new_frame(), 5, "the first frame", interval=0.01)
         first = source.take()
         assert first is not None
         assert first.image.shape == (48, 64, 3)
         assert source.take() is None  # taken: nothing new until the next frame is due
-        time.sleep(0.2)
-        source.drain()
+        # Two more frames due since the one taken: the first of them is replaced by the second.
+        wait_until(lambda: delivered() >= first.seq + 3, 5, "two more frames", interval=0.01)
         assert source.has_new_frame()
         second = source.take()
         assert second is not None
         assert second.seq > first.seq + 1  # several were due: the newest wins
-
-    def sample(name: str) -> float:
-        return metrics.registry.get_sample_value(name, {"camera": "synth"}) or 0.0
 
     assert sample("monitor_camera_frames_total") == second.seq + 1
     assert sample("monitor_camera_frames_dropped_total") == second.seq - first.seq - 1
