@@ -18,7 +18,11 @@ from typing import Any
 
 from monitor.settings import LogSettings
 
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]+@")
+# User info runs to the LAST "@" of the authority: cameras' passwords often hold a raw "@"
+# ("admin:p@ss@host"), and stopping at the first one would leak the rest. The authority ends
+# at "/", "?", "#" or whitespace, so the match never reaches into a path, a query or the
+# next URL on the line.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/?#]+@")
 _QUERY_SECRET = re.compile(
     r"(?i)([?&;](?:user(?:name)?|pass(?:word|wd)?|pwd|token|access_token|auth|key|api_?key|secret|sig(?:nature)?)=)[^&;\s\"']+"
 )
@@ -29,6 +33,8 @@ def redact(text: str) -> str:
 
     >>> redact("rtsp://admin:hunter2@10.0.0.5/stream?token=abc&ch=1")
     'rtsp://***@10.0.0.5/stream?token=***&ch=1'
+    >>> redact("rtsp://admin:p@ss@10.0.0.5/stream")
+    'rtsp://***@10.0.0.5/stream'
     """
     return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 

@@ -21,6 +21,21 @@ from monitor.settings import LogSettings
         ),
         ("https://cam/live?token=abc.def", "https://cam/live?token=***"),
         ("rtsp://10.0.0.5/stream1", "rtsp://10.0.0.5/stream1"),
+        # A raw "@" in the password: everything up to the last "@" of the authority goes.
+        ("rtsp://admin:p@ss@10.0.0.5/x", "rtsp://***@10.0.0.5/x"),
+        ("rtsp://admin:p@ss@cam", "rtsp://***@cam"),
+        ("rtsp://admin:a:b%40c@cam:554/x", "rtsp://***@cam:554/x"),
+        ("rtsp://u:x@@y@cam/live?ch=1#top", "rtsp://***@cam/live?ch=1#top"),
+        # Two URLs on one line: each loses its own user info, the text between survives.
+        (
+            "rtsp://a:p@1@cam1/s and rtsp://b:p@2@cam2/s",
+            "rtsp://***@cam1/s and rtsp://***@cam2/s",
+        ),
+        ("from rtsp://a:pw@cam1 to rtsp://cam2/s", "from rtsp://***@cam1 to rtsp://cam2/s"),
+        # An "@" after the authority (path, query, fragment) is not user info.
+        ("rtsp://cam/user@home/s", "rtsp://cam/user@home/s"),
+        ("http://cam/snap?to=ops@example.org", "http://cam/snap?to=ops@example.org"),
+        ("rtsp://cam:554/live mail ops@example.org", "rtsp://cam:554/live mail ops@example.org"),
         ("no url here", "no url here"),
     ],
 )
