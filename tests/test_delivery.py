@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from monitor.metrics import Metrics
 from monitor.publisher import Publisher
 from monitor.settings import MqttSettings, TlsSettings, load_settings
 from monitor.spool import Outgoing, Spool
-from tests.conftest import ROOT, Broker, free_port, make_event, wait_until
+from tests.conftest import ROOT, Broker, Subscriber, free_port, make_event, wait_until
 
 #: How long the broker is down in the outage test (the issue asks for 30 s).
 OUTAGE = 30.0
@@ -292,6 +293,87 @@ def test_events_spooled_before_a_crash_arrive_after_a_restart(tmp_path, durable_
         second.close()
     with Spool(spool) as reopened:
         assert reopened.count() == 0, "acknowledged events stayed in the spool"
+
+
+# -- config/mosquitto.conf --------------------------------------------------------
+
+RECOMMENDED_CONF = ROOT / "config" / "mosquitto.conf"
+
+
+def recommended_conf(tmp_path: Path, port: int, store: Path, layout: str) -> Path:
+    """config/mosquitto.conf as a test uses it: listener on ``port``, store in ``store``.
+
+    ``standalone``: the file itself (``mosquitto -c``). ``debian``: Debian's main
+    file (which sets persistence and its location, then includes conf.d/) plus the
+    snippet made by the ``sed`` command the file's header gives for conf.d.
+    """
+    text = RECOMMENDED_CONF.read_text()
+    if layout == "debian":
+        command = re.search(r"sed '([^']+)' config/mosquitto\.conf", text)
+        assert command is not None, "the header gives no sed command for conf.d"
+        text = subprocess.run(
+            ["sed", command.group(1), str(RECOMMENDED_CONF)], check=True, capture_output=True, text=True
+        ).stdout
+    text = text.replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1")
+    text = text.replace("persistence_location /var/lib/mosquitto/", f"persistence_location {store}/")
+    active = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert f"listener {port} 127.0.0.1" in active
+    assert not [line for line in active if " /" in line and str(tmp_path) not in line], active
+    if layout == "standalone":
+        conf = tmp_path / "mosquitto.conf"
+        conf.write_text("user root\n" + text)  # see start_broker
+        return conf
+    snippets = tmp_path / "conf.d"
+    snippets.mkdir()
+    (snippets / "monitor.conf").write_text(text)
+    conf = tmp_path / "debian-mosquitto.conf"
+    conf.write_text(
+        "user root\npersistence true\n"
+        f"persistence_location {store}/\ninclude_dir {snippets}\n"  # as in Debian's mosquitto.conf
+    )
+    return conf
+
+
+@pytest.mark.parametrize("layout", ["standalone", "debian"])
+def test_recommended_mosquitto_conf_keeps_queued_and_retained_messages_across_a_restart(
+    tmp_path, layout, durable_subscribers
+):
+    store = tmp_path / "store"
+    store.mkdir()
+    port = free_port()
+    broker = Broker(port, conf=recommended_conf(tmp_path, port, store, layout))
+    broker.start()  # fails when Mosquitto refuses the configuration
+    try:
+        away = DurableSubscriber(port, "t/events", "durable-conf")
+        away.close()  # its session (and QoS 1 subscription) stays in the broker
+        sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="conf-sender")
+        sender.connect("127.0.0.1", port)
+        sender.loop_start()
+        try:
+            queued = sender.publish("t/events", json.dumps({"event_id": "queued-1"}), qos=1)
+            retained = sender.publish("t/available", "online", qos=1, retain=True)
+            queued.wait_for_publish(10)
+            retained.wait_for_publish(10)
+            assert queued.is_published()
+            assert retained.is_published()
+        finally:
+            sender.disconnect()
+            sender.loop_stop()
+        broker.stop()
+        assert (store / "mosquitto.db").is_file(), "the broker wrote no persistence file"
+        broker.start()
+
+        back = DurableSubscriber(port, "t/events", "durable-conf")
+        durable_subscribers.append(back)
+        back.wait_for_all({"queued-1"}, 10)
+        late = Subscriber(port, "t/available")
+        try:
+            message = late.wait_for(lambda m: m.retain, 10, "the retained message after the restart")
+            assert message.payload == b"online"
+        finally:
+            late.close()
+    finally:
+        broker.stop()
 
 
 # -- 3. TLS and credentials -------------------------------------------------------
