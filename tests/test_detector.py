@@ -126,3 +126,45 @@ def test_auto_backend_on_cpu_exports_openvino_once_and_keeps_parity(weights, tmp
     assert second.label == f"best.pt@{first.sha256[:12]}"
     for ours, ref in zip(second.detect(frames), _reference(weights, frames), strict=True):
         _assert_same(ours, ref, second.names)
+
+
+def _reference_cuda(weights: Path, images: list[np.ndarray]) -> list[sv.Detections]:
+    """Ultralytics' own predict on CUDA device 0 in fp16, one frame at a time."""
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights))
+    return [
+        sv.Detections.from_ultralytics(
+            model.predict(im, imgsz=TEST_IMGSZ, device=0, half=True, verbose=False)[0]
+        )
+        for im in images
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_cuda_fp16_batch_matches_ultralytics_predict_on_device_0(weights, frames, compile_):
+    settings = ModelSettings(
+        path=weights,
+        imgsz=TEST_IMGSZ,
+        device="cuda:0",
+        labels=TEST_LABELS,
+        backend="torch",
+        compile=compile_,
+    )
+    detector = Detector(settings, max_batch=len(frames))
+    assert (detector.runtime, detector.half, detector.compiled) == ("torch", True, compile_)
+    detector.warmup()
+    # Five frames: with compile the batch is padded up to the bucket of 8, and the padding dropped.
+    batch = frames[:5]
+    reference = _reference_cuda(weights, batch)
+    assert sum(len(r) for r in reference) >= 5, "the clip should show people"
+    for _ in range(2):  # the second pass replays what the first captured (CUDA graphs when compiled)
+        ours = detector.detect(batch)
+        assert len(ours) == len(batch)
+        for o, r, image in zip(ours, reference, batch, strict=True):
+            _assert_same(o, r, detector.names)
+            if len(o):
+                assert (o.xyxy[:, [0, 2]] <= image.shape[1]).all()
+                assert (o.xyxy[:, [1, 3]] <= image.shape[0]).all()
+    assert detector.memory_bytes() > 0
