@@ -147,13 +147,53 @@ def test_oversized_chunked_upload_is_refused_without_content_length(server):
     assert response.status_code == 413
 
 
-def test_token_is_required_when_configured(server):
-    bare = httpx.post(
-        f"{server.base_url}/predict", files={"file": ("p.jpg", PEOPLE_JPG.read_bytes())}, timeout=30
-    )
-    assert bare.status_code == 401
-    assert httpx.get(f"{server.base_url}/healthz").status_code == 200
-    assert httpx.get(f"{server.base_url}/docs").status_code == 200
+def _request(server: httpx.Client, path: str, headers: dict[str, str]) -> httpx.Response:
+    """``path`` on the server with exactly ``headers`` (not the client's own token)."""
+    url = f"{server.base_url}{path}"
+    if path.startswith("/predict"):
+        return httpx.post(
+            url, files={"file": ("p.jpg", PEOPLE_JPG.read_bytes())}, headers=headers, timeout=60
+        )
+    return httpx.get(url, headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize("path", ["/predict", "/api/cameras"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+    ],
+    ids=["none", "wrong", "no-scheme", "basic"],
+)
+def test_guarded_endpoints_refuse_a_missing_or_wrong_token(server, path, headers):
+    response = _request(server, path, headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["detail"] == "missing or wrong bearer token"
+    assert TOKEN not in response.text
+
+
+def test_guarded_endpoints_answer_the_right_token(server):
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    predicted = _request(server, "/predict", right)
+    assert predicted.status_code == 200
+    assert {r["label"] for r in predicted.json()["results"]} == {"person"}
+    cameras = _request(server, "/api/cameras", right)
+    assert cameras.status_code == 200
+    assert cameras.json() == {}  # `monitor serve` runs no cameras
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/healthz", "/readyz", "/docs"])
+def test_probes_metrics_and_docs_need_no_token(server, path):
+    response = _request(server, path, {})
+    assert response.status_code == 200
+    if path == "/metrics":
+        assert "monitor_" in response.text
+    if path == "/readyz":
+        assert response.json()["ready"] is True
 
 
 def test_upload_burst_never_starves_the_cameras(weights, tmp_path, broker, daemon_factory):
