@@ -18,9 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -42,6 +43,19 @@ OUTAGE = 30.0
 RATE = 20.0
 PUBLISHER_PROC = ROOT / "tests" / "publisher_proc.py"
 USER, PASSWORD, WRONG_PASSWORD = "monitor", "s3cret-pass", "bad-pass-123"
+#: What README's "Delivery guarantee" tells consumers to de-duplicate on. One track
+#: sends several `update`s under one event_id and type; each reports a later frame.
+DEDUP_KEY = ("event_id", "type", "frame_time")
+#: The events of one track in the outage test, in order.
+TRACK_EVENTS = ("new", "update", "update", "update", "end")
+
+
+def dedup_key(event: dict[str, object]) -> tuple[object, ...]:
+    return tuple(event[name] for name in DEDUP_KEY)
+
+
+def test_the_readme_documents_the_dedup_key_the_tests_use():
+    assert f"de-duplicate on `({', '.join(DEDUP_KEY)})`" in (ROOT / "README.md").read_text()
 
 
 @pytest.fixture(autouse=True)
@@ -97,6 +111,7 @@ class DurableSubscriber:
         auth: tuple[str, str] | None = None,
     ) -> None:
         self.received: list[str] = []
+        self.keys: list[tuple[object, ...]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
@@ -114,20 +129,33 @@ class DurableSubscriber:
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         with self._lock:
-            self.received.append(json.loads(message.payload)["event_id"])
+            event = json.loads(message.payload)
+            self.received.append(event["event_id"])
+            self.keys.append(dedup_key(event))
 
     def unique(self) -> set[str]:
         with self._lock:
             return set(self.received)
 
+    def unique_keys(self) -> set[tuple[object, ...]]:
+        """Messages received, de-duplicated the way README tells consumers to."""
+        with self._lock:
+            return set(self.keys)
+
     def wait_for_all(self, expected: set[str], timeout: float) -> None:
+        self._wait_for(expected, self.unique, timeout)
+
+    def wait_for_keys(self, expected: set[tuple[object, ...]], timeout: float) -> None:
+        self._wait_for(expected, self.unique_keys, timeout)
+
+    def _wait_for(self, expected: set[Any], have: Callable[[], set[Any]], timeout: float) -> None:
         def done() -> bool:
-            return expected <= self.unique()
+            return expected <= have()
 
         try:
-            wait_until(done, timeout, f"{len(expected)} event ids")
+            wait_until(done, timeout, f"{len(expected)} events")
         except AssertionError:
-            missing = sorted(expected - self.unique())
+            missing = sorted(expected - have(), key=str)
             raise AssertionError(f"{len(missing)} of {len(expected)} never arrived: {missing[:20]}") from None
 
     def close(self) -> None:
@@ -151,23 +179,25 @@ def durable_subscribers() -> Iterator[list[DurableSubscriber]]:
 def test_every_event_produced_during_a_broker_outage_arrives(tmp_path, durable_broker, durable_subscribers):
     sub = DurableSubscriber(durable_broker.port, "t/events", "durable-outage")
     durable_subscribers.append(sub)
-    produced: list[str] = []
+    produced: list[tuple[object, ...]] = []
     stop = threading.Event()
     metrics = Metrics()
 
     def produce(publisher: Publisher) -> None:
-        # A steady stream, so events are in flight at the moment the broker stops and starts.
+        # A steady stream, so events are in flight at the moment the broker stops and starts;
+        # each track sends new, several updates and end under one event_id.
         while not stop.wait(1 / RATE):
-            event_id = f"outage-{len(produced)}"
-            publisher.publish([alert(event_id)])
-            produced.append(event_id)
+            n = len(produced)
+            event = make_event(f"outage-{n // len(TRACK_EVENTS)}", TRACK_EVENTS[n % len(TRACK_EVENTS)])
+            publisher.publish([Alert(event, None, time.time())])
+            produced.append(dedup_key(event.model_dump(mode="json")))
 
     settings = MqttSettings(port=durable_broker.port, topic_prefix="t")
     with Spool(tmp_path / "spool.db") as spool, Publisher(settings, spool, metrics) as publisher:
         producer = threading.Thread(target=produce, args=(publisher,), daemon=True)
         producer.start()
         try:
-            wait_until(lambda: len(sub.unique()) >= 10, 10, "events flowing before the outage")
+            wait_until(lambda: len(sub.unique_keys()) >= 10, 10, "events flowing before the outage")
             durable_broker.stop()
             before = len(produced)
             time.sleep(OUTAGE)  # the outage itself: a timed wait on purpose
@@ -180,9 +210,11 @@ def test_every_event_produced_during_a_broker_outage_arrives(tmp_path, durable_b
         finally:
             stop.set()
             producer.join(5)
-        sub.wait_for_all(set(produced), 60)
+        sub.wait_for_keys(set(produced), 60)
         wait_until(lambda: spool.count() == 0, 10, "the spool to empty")
-    assert sub.unique() == set(produced)
+    assert sub.unique_keys() == set(produced)
+    # De-duplication keeps every event produced, the repeated updates of one track included.
+    assert len(set(produced)) == len(produced)
     assert len(produced) > OUTAGE * RATE / 2
     assert metrics.registry.get_sample_value("monitor_spool_pending") == 0
     assert metrics.registry.get_sample_value("monitor_spool_dropped_total") == 0
