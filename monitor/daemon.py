@@ -63,18 +63,18 @@ class SystemdNotifier:
     """
 
     def __init__(self, address: str | None) -> None:
-        self._address = address
-        self._sock: socket.socket | None = None
+        self._target: str | None = None
         if address:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._target = "\0" + address[1:] if address.startswith("@") else address
 
     def notify(self, state: str) -> None:
         """Send one state line, e.g. ``READY=1``; failures are logged, never raised."""
-        if self._sock is None:
+        if self._target is None:
             return
+        # A socket per message, as sd_notify(3) does: a few a minute, and nothing to close.
         try:
-            self._sock.sendto(state.encode(), self._target)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto(state.encode(), self._target)
         except OSError as exc:
             logger.warning("sd_notify %s failed: %s", state.split("=")[0], exc)
 

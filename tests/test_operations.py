@@ -6,12 +6,15 @@ import re
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from monitor.daemon import pipeline_healthy
+from monitor.daemon import STALL_GRACE, Daemon, pipeline_healthy
+from monitor.settings import load_settings
+from monitor.sources import CameraState, Source
 from tests.conftest import CLIP, base_config, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +28,46 @@ UNIT = ROOT / "systemd" / "monitor.service"
 def test_watchdog_is_withheld_when_online_cameras_go_unprocessed(online, since_processed, healthy):
     now = 1000.0
     assert pipeline_healthy(now, online, now - since_processed, interval=2.0) is healthy
+
+
+def test_watchdog_ping_stops_while_an_online_cameras_frames_go_unprocessed(weights, tmp_path):
+    # The loop is alive (it calls _watchdog) but the detector has not returned for a
+    # minute: the process runs, the pipeline does not, and systemd must get no ping.
+    config_path = tmp_path / "monitor.yaml"
+    config = base_config(weights, tmp_path, free_port(), free_port(), cameras={"a": {"url": str(CLIP)}})
+    config_path.write_text(yaml.safe_dump(config))
+    settings = load_settings(config_path)
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.setblocking(False)  # sd_notify is one sendto: a ping is queued before _watchdog returns
+
+        def pings() -> list[bytes]:
+            received = []
+            while True:
+                try:
+                    received.append(notify.recv(4096))
+                except BlockingIOError:
+                    return received
+
+        daemon = Daemon(settings, notify_socket=str(notify_path), watchdog_interval=0.5)
+        with Source("a", settings.cameras["a"], settings.camera_fps("a"), daemon.metrics) as source:
+            daemon.sources["a"] = source
+
+            def online() -> bool:
+                source.drain()
+                return source.state is CameraState.ONLINE
+
+            wait_until(online, 30, "camera a online")
+            now = time.monotonic()
+            daemon._last_processed = now - STALL_GRACE - 1
+            for tick in range(3):  # several loop ticks, each past the watchdog interval
+                daemon._watchdog(now + tick)
+            assert pings() == []
+            daemon._last_processed = now + 3  # a batch of frames went through
+            daemon._watchdog(now + 3)
+            (ping,) = pings()
+            assert ping.startswith(b"WATCHDOG=1\nSTATUS=1/1 cameras online")
 
 
 def received_until_silent(sock: socket.socket, quiet: float) -> list[bytes]:
@@ -54,12 +97,16 @@ def test_notify_ready_then_watchdog_which_stops_when_the_loop_stalls(
         pings = [notify.recv(4096) for _ in range(3)]
         assert all(p.startswith(b"WATCHDOG=1\nSTATUS=") for p in pings)
         assert re.search(rb"STATUS=\d+/1 cameras online, [0-9.]+ frames/s", pings[-1])
-        daemon.proc.send_signal(signal.SIGSTOP)  # a wedged pipeline: nothing runs
+        # A frozen process (SIGSTOP) pings no more, and pings again once it runs: the pings
+        # come from the daemon's own loop, not from elsewhere. (A loop that runs while the
+        # pipeline stalls is the test above.)
+        daemon.proc.send_signal(signal.SIGSTOP)
         try:
             queued = received_until_silent(notify, quiet=3.0)  # pings sent just before the stop
         finally:
             daemon.proc.send_signal(signal.SIGCONT)
-        assert len(queued) <= 2  # then 3 s of silence with a 1 s watchdog interval
+        # WATCHDOG_USEC=1 s gives a 0.5 s ping interval: 3 s of silence is 6 missed pings.
+        assert len(queued) <= 2
         notify.settimeout(10)
         assert notify.recv(4096).startswith(b"WATCHDOG=1")  # alive again
     finally:
