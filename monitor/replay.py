@@ -29,7 +29,15 @@ REPLAY_CAMERA = "replay"
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """What a replay saw."""
+    """What a replay saw.
+
+    Attributes:
+        tracks: ByteTrack ids seen.
+        confirmed_tracks: ByteTrack ids that produced a ``new`` (sent, or suppressed by cooldown or
+            rate cap).
+        alerts_per_confirmed_track: Sent ``new`` events per confirmed track: 1.0 when every track
+            alerts exactly once and none is silenced, above 1 when a track alerts twice.
+    """
 
     video: str
     camera: str
@@ -140,7 +148,10 @@ def run_replay(
     if analysed == 0:
         raise SourceError(f"{video}: no frames could be decoded")
     counts = Counter(a.event.type for a in alerts if a.suppressed is None)
-    confirmed = len({a.event.event_id for a in alerts})
+    # A ByteTrack id is confirmed once the rules confirmed it, sent or silenced: a suppressed `new`
+    # is returned too. Counting ids (not event ids, which are minted one per `new`) lets a track
+    # that alerts twice show up as more than one alert per confirmed track.
+    confirmed = len({a.event.track_id for a in alerts if a.event.type == "new"})
     summary = Summary(
         video=str(video),
         camera=name,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections import Counter
+import math
+from collections import defaultdict
 from pathlib import Path
 
 import cv2
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from monitor.alerts import Alert, Event
 from monitor.cli import main
 from monitor.detector import Detector
 from monitor.replay import run_replay
@@ -71,21 +74,35 @@ def people(weights, detector):
     return run_replay(CLIP, settings(weights), detector=detector)
 
 
+def assert_one_new_per_track_and_bounded_updates(alerts: list[Alert], update_interval: float) -> None:
+    """Per ByteTrack id: one ``new`` first, one ``end`` last, and at most
+    floor(duration / update_interval) + zone changes ``update``s in between."""
+    by_track: dict[int, list[Event]] = defaultdict(list)
+    for alert in alerts:
+        by_track[alert.event.track_id].append(alert.event)
+    assert by_track
+    for track_id, events in by_track.items():
+        kinds = [e.type for e in events]
+        assert kinds.count("new") == 1, (track_id, kinds)
+        assert kinds[0] == "new", (track_id, kinds)
+        assert kinds[-1] == "end", (track_id, kinds)
+        assert len({e.event_id for e in events}) == 1, (track_id, kinds)
+        duration = events[-1].end_time - events[0].start_time
+        live = events[:-1]  # `end` reports no current zones
+        zone_changes = sum(a.current_zones != b.current_zones for a, b in itertools.pairwise(live))
+        updates = kinds.count("update")
+        bound = math.floor(duration / update_interval + 1e-9) + zone_changes
+        assert updates <= bound, (track_id, updates, duration, zone_changes)
+
+
 def test_people_alert_once_per_track_with_bounded_updates(people):
     result = people
     summary = result.summary
     assert summary.new >= 3
     assert summary.frames == pytest.approx(30 * FPS, abs=2)
-    kinds = Counter((a.event.event_id, a.event.type) for a in result.alerts)
-    assert all(count == 1 for (_, kind), count in kinds.items() if kind == "new")
-    for event_id in {a.event.event_id for a in result.alerts}:
-        events = [a.event for a in result.alerts if a.event.event_id == event_id]
-        assert events[0].type == "new"
-        assert events[-1].type == "end"
-        duration = events[-1].end_time - events[0].start_time
-        updates = sum(e.type == "update" for e in events)
-        assert updates <= duration / 3.0 + 1, (event_id, updates, duration)
-    assert summary.alerts_per_confirmed_track == 1.0
+    assert_one_new_per_track_and_bounded_updates(result.alerts, PEOPLE["update_interval"])
+    assert summary.confirmed_tracks == len({a.event.track_id for a in result.alerts})
+    assert summary.alerts_per_confirmed_track == summary.new / summary.confirmed_tracks == 1.0
 
 
 @pytest.mark.parametrize("objects", [{}, PEOPLE], ids=["defaults", "people-thresholds"])
@@ -112,6 +129,7 @@ def test_zone_over_the_walkway_is_reported(weights, detector):
     ground = {"zones": {"walkway": {"coordinates": [[0, 0.3], [1, 0.3], [1, 1], [0, 1]]}}}
     result = run_replay(CLIP, settings(weights, camera=ground), detector=detector)
     assert any("walkway" in a.event.entered_zones for a in result.alerts)
+    assert_one_new_per_track_and_bounded_updates(result.alerts, PEOPLE["update_interval"])
 
 
 def test_mask_over_the_whole_frame_gives_no_events(weights, detector):
