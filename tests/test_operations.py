@@ -6,7 +6,10 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -87,13 +90,40 @@ def test_notify_ready_then_watchdog_which_stops_when_the_loop_stalls(
 ):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
-    notify.settimeout(30)
-    config = base_config(weights, tmp_path, broker.port, free_port(), cameras={"a": {"url": str(CLIP)}})
+    notify.settimeout(120)
+    http_port = free_port()
+    config = base_config(weights, tmp_path, broker.port, http_port, cameras={"a": {"url": str(CLIP)}})
+    # What the daemon shows at the moment READY=1 arrives (daemon_factory itself waits for
+    # /readyz, so the datagram must be read while it starts, not after).
+    at_ready: dict[str, object] = {}
+
+    def read_ready() -> None:
+        try:
+            at_ready["message"] = notify.recv(4096)
+        except TimeoutError:
+            return
+        try:
+            url = f"http://127.0.0.1:{http_port}/readyz"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                at_ready["readyz"] = response.status
+        except urllib.error.HTTPError as exc:
+            at_ready["readyz"] = exc.code
+        except OSError as exc:
+            at_ready["readyz"] = repr(exc)  # not even listening
+        at_ready["log"] = (tmp_path / "monitor-0.log").read_text(errors="replace")
+
+    reader = threading.Thread(target=read_ready)
+    reader.start()
     daemon = daemon_factory(
         config, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
     )
+    reader.join(30)
     try:
-        assert notify.recv(4096) == b"READY=1"
+        assert at_ready.get("message") == b"READY=1"
+        # Sent only once the model is loaded and warmed up (a first batch ran through it).
+        assert at_ready["readyz"] == 200
+        assert "warm-up took" in str(at_ready["log"])
+        notify.settimeout(30)
         pings = [notify.recv(4096) for _ in range(3)]
         assert all(p.startswith(b"WATCHDOG=1\nSTATUS=") for p in pings)
         assert re.search(rb"STATUS=\d+/1 cameras online, [0-9.]+ frames/s", pings[-1])
