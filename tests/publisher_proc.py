@@ -37,7 +37,11 @@ def main(spool_path: Path, port: int, count: int, run: str) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     settings = MqttSettings(port=port, topic_prefix="t", client_id=f"proc-{run}")
-    with Spool(spool_path) as spool, Publisher(settings, spool, Metrics()) as publisher:
+    # The daemon's default durability (spool.synchronous: auto): FULL while the broker is away.
+    with (
+        Spool(spool_path, synchronous="AUTO") as spool,
+        Publisher(settings, spool, Metrics()) as publisher,
+    ):
         say(f"STARTED {spool.count()}")
         for i in range(count):
             now = time.time()

@@ -3,8 +3,9 @@
 Real Mosquitto processes throughout. Subscribers that must not miss anything
 use a persistent session (clean_session=False, QoS 1, fixed client id) on a
 broker with persistence, so messages that arrive while they are away wait in
-the broker, across its restarts. QoS 1 may deliver twice: every check
-de-duplicates by event_id.
+the broker, across its restarts. QoS 1 may deliver twice: checks compare
+sets of event ids, or of README's de-duplication key (event_id, type,
+frame_time) where one track sends several events.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import queue
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -35,7 +37,15 @@ from monitor.metrics import Metrics
 from monitor.publisher import Publisher
 from monitor.settings import MqttSettings, TlsSettings, load_settings
 from monitor.spool import Outgoing, Spool
-from tests.conftest import ROOT, Broker, Subscriber, free_port, make_event, wait_until
+from tests.conftest import (
+    ROOT,
+    Broker,
+    Subscriber,
+    base_config,
+    free_port,
+    make_event,
+    wait_until,
+)
 
 #: How long the broker is down in the outage test (the issue asks for 30 s).
 OUTAGE = 30.0
@@ -325,6 +335,47 @@ def test_events_spooled_before_a_crash_arrive_after_a_restart(tmp_path, durable_
         second.close()
     with Spool(spool) as reopened:
         assert reopened.count() == 0, "acknowledged events stayed in the spool"
+
+
+def spooled_events(path: Path, topic: str) -> list[dict[str, Any]]:
+    """The events waiting in a spool file, read with sqlite3 as the daemon left it."""
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute("SELECT payload FROM messages WHERE topic = ? ORDER BY id", (topic,)).fetchall()
+    finally:
+        db.close()
+    return [json.loads(payload) for (payload,) in rows]
+
+
+@pytest.mark.integration
+def test_events_spooled_by_a_killed_daemon_arrive_after_its_restart(
+    weights, tmp_path, durable_broker, durable_subscribers, rtsp_server, daemon_factory
+):
+    sub = DurableSubscriber(durable_broker.port, "test/events", "durable-daemon-crash")
+    durable_subscribers.append(sub)
+    durable_broker.stop()  # the subscriber's session stays in the broker's store
+    config = base_config(
+        weights,
+        tmp_path,
+        durable_broker.port,
+        free_port(),
+        cameras={"cam1": {"url": rtsp_server.url("cam1")}},
+    )
+    spool = Path(config["spool"]["path"])
+
+    first = daemon_factory(config)  # the default spool.synchronous: auto
+    wait_until(
+        lambda: first.metrics().get("monitor_spool_pending", 0) >= 1, 90, "an event in the daemon's spool"
+    )
+    first.proc.send_signal(signal.SIGKILL)  # the crash: no shutdown code runs
+    assert first.proc.wait(10) == -signal.SIGKILL
+    spooled = spooled_events(spool, "test/events")
+    assert spooled, "monitor_spool_pending counted an event that is not in the spool file"
+    assert {e["type"] for e in spooled} >= {"new"}
+
+    durable_broker.start()
+    daemon_factory(config)
+    sub.wait_for_keys({dedup_key(e) for e in spooled}, 30)
 
 
 # -- config/mosquitto.conf --------------------------------------------------------
