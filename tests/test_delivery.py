@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -459,6 +460,51 @@ def test_recommended_mosquitto_conf_keeps_queued_and_retained_messages_across_a_
         broker.stop()
 
 
+# -- availability and the connection gauge -------------------------------------------
+
+
+def test_online_is_published_again_and_the_gauge_follows_a_broker_restart(tmp_path, broker):
+    metrics = Metrics()
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("monitor_mqtt_connected")
+
+    settings = MqttSettings(port=broker.port, topic_prefix="t")
+    with Spool(tmp_path / "spool.db") as spool, Publisher(settings, spool, metrics):
+        wait_until(lambda: gauge() == 1, 10, "monitor_mqtt_connected 1")
+        before = Subscriber(broker.port, "t/available")
+        try:
+            before.wait_for(lambda m: m.payload == b"online", 10, "online")
+        finally:
+            before.close()
+        broker.stop()  # no persistence: the retained `online` goes with it
+        wait_until(lambda: gauge() == 0, 10, "monitor_mqtt_connected 0 while the broker is away")
+        broker.start()
+        wait_until(lambda: gauge() == 1, 15, "monitor_mqtt_connected 1 after the restart")
+        after = Subscriber(broker.port, "t/available")
+        try:
+            message = after.wait_for(lambda m: m.retain, 10, "a retained availability after the restart")
+            assert message.payload == b"online"
+        finally:
+            after.close()
+
+
+def test_a_killed_publisher_process_reads_offline_through_its_last_will(tmp_path, broker, subscriber_factory):
+    sub = subscriber_factory(broker.port, "t/available")
+    proc = PublisherProcess.start(tmp_path, tmp_path / "spool.db", broker.port, 0, "will")
+    try:
+        proc.expect("STARTED 0", 30)
+        sub.wait_for(lambda m: m.payload == b"online", 10, "online")
+        sub.drain()
+        assert b"offline" not in [m.payload for m in sub.seen]
+        proc.proc.send_signal(signal.SIGKILL)  # no `offline` from the process itself
+        assert proc.proc.wait(10) == -signal.SIGKILL
+        will = sub.wait_for(lambda m: m.payload == b"offline", 10, "the last will")
+    finally:
+        proc.close()
+    assert will.topic == "t/available"
+
+
 # -- 3. TLS and credentials -------------------------------------------------------
 
 
@@ -578,6 +624,33 @@ def test_tls_and_credentials_deliver_and_wrong_ones_only_delay(
         with Publisher(good, spool, Metrics()) as publisher:
             sub.wait_for_all({f"tls-{i}" for i in range(4)}, 10)
             wait_until(lambda: spool.count() == 0, 10, "the spool to empty")
+
+
+@pytest.mark.integration
+def test_a_daemon_with_a_wrong_password_says_unauthorized_in_readyz_and_keeps_running(
+    weights, tmp_path, tls_broker, daemon_factory
+):
+    mqtt_section = {
+        "host": "127.0.0.1",
+        "port": tls_broker.port,
+        "topic_prefix": "test",
+        "username": USER,
+        "tls": {"enabled": True, "ca_file": str(tls_broker.ca_file)},
+    }
+    config = base_config(weights, tmp_path, tls_broker.port, free_port(), mqtt=mqtt_section)
+    daemon = daemon_factory(config, env={"MONITOR_MQTT__PASSWORD": WRONG_PASSWORD})
+
+    def readyz() -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/readyz", timeout=5) as r:
+            return dict(json.loads(r.read()))
+
+    body = wait_until(lambda: (b := readyz())["mqtt"] != "connecting" and b, 15, "an MQTT state in /readyz")
+    assert body["ready"] is True
+    assert body["mqtt"].startswith("unauthorized"), body
+    assert daemon.metrics()["monitor_mqtt_connected"] == 0
+    wait_until(lambda: daemon.log().count("unauthorized") >= 2, 15, "a retry after the refusal")
+    assert daemon.proc.poll() is None, "the daemon stopped on a refused connection"
+    assert WRONG_PASSWORD not in daemon.log()
 
 
 # paho 2.2 leaves the SSLSocket of a failed handshake to the garbage collector
