@@ -21,6 +21,7 @@ daemon.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
 import multiprocessing as mp
@@ -28,6 +29,7 @@ import multiprocessing.connection as mpc
 import os
 import random
 import re
+import secrets
 import signal
 import threading
 import time
@@ -431,6 +433,12 @@ class _StderrReasons:
 
     Nothing read here is printed: the lines may hold the camera's credentials.
     Only the classified reason (a fixed phrase) leaves the child.
+
+    ``latest`` synchronises with the reader instead of guessing how long it needs:
+    it flushes C stdio (FFmpeg's log goes through ``printf``), then writes a marker
+    line with a random token to the same pipe. A pipe keeps the order of writes, so
+    once the reader has seen the marker it has classified everything FFmpeg wrote
+    before the failure, however loaded the machine is.
     """
 
     def __init__(self) -> None:
@@ -439,11 +447,24 @@ class _StderrReasons:
         os.dup2(write_fd, 2)  # and its own warnings to stderr
         os.close(write_fd)
         self._reason: str | None = None
+        # Random, so no FFmpeg output (an SDP body, a server's error text) can pose as one.
+        self._prefix = f"monitor-stderr-sync {secrets.token_hex(8)} "
+        self._sent = 0  # markers written (only latest() writes them)
+        self._seen = 0  # markers the reader has reached
+        self._caught_up = threading.Condition()
+        self._libc = ctypes.CDLL(None)
         self._file = os.fdopen(read_fd, "r", errors="replace")
         threading.Thread(target=self._read, name="ffmpeg-stderr", daemon=True).start()
 
     def _read(self) -> None:
         for line in self._file:
+            if line.startswith(self._prefix):
+                number = line[len(self._prefix) :].strip()
+                if number.isdigit():
+                    with self._caught_up:
+                        self._seen = max(self._seen, int(number))
+                        self._caught_up.notify_all()
+                continue
             match = _FFMPEG_LINE.match(line)
             if match and int(match.group(1)) <= _FFMPEG_VERBOSE:
                 text = match.group(2)
@@ -453,18 +474,29 @@ class _StderrReasons:
                 continue  # FFmpeg debug output, SDP bodies: never classified, never shown
             for pattern, reason in _REASONS:
                 if pattern.search(text):
-                    self._reason = reason
+                    with self._caught_up:
+                        self._reason = reason
                     break
 
     def latest(self, fallback: str) -> str:
-        """The last classified reason, or ``fallback``; forgets it."""
-        time.sleep(_STDERR_SETTLE)  # let the reader thread see what was just written
-        reason, self._reason = self._reason, None
+        """The last classified reason, or ``fallback``; forgets it.
+
+        Waits (at most ``_STDERR_SYNC_TIMEOUT``) until the reader has read everything
+        written to stdout and stderr before this call.
+        """
+        self._libc.fflush(None)  # FFmpeg's lines still in C stdio buffers go first
+        self._sent += 1
+        number = self._sent
+        # Own line even when FFmpeg left one unfinished; os.write: no Python buffering.
+        os.write(2, f"\n{self._prefix}{number}\n".encode())
+        with self._caught_up:
+            self._caught_up.wait_for(lambda: self._seen >= number, _STDERR_SYNC_TIMEOUT)
+            reason, self._reason = self._reason, None
         return reason or fallback
 
 
-#: Seconds for the stderr reader to catch up before a failure is reported.
-_STDERR_SETTLE = 0.05
+#: Most seconds ``latest`` waits for the stderr reader before reporting without it.
+_STDERR_SYNC_TIMEOUT = 1.0
 
 
 def _open(cv2: Any, settings: CameraSettings, url: str) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing as mp
 import multiprocessing.connection as mpc
 import time
 
@@ -9,7 +11,7 @@ import pytest
 
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
-from monitor.sources import CameraState, CameraStatus, Source
+from monitor.sources import _STDERR_SYNC_TIMEOUT, CameraState, CameraStatus, Source
 from tests.conftest import CLIP, free_port, start_rtsp_server
 
 
@@ -135,3 +137,33 @@ def test_frame_age_keeps_growing_across_reconnects_of_a_dead_camera():
             assert ages[-1] >= time.monotonic() - created - 0.5, (count, ages)
         assert source.state in (CameraState.STARTING, CameraState.OFFLINE)
         assert ages == sorted(ages), ages
+
+
+def _report_a_buffered_ffmpeg_error(conn: mpc.Connection) -> None:
+    """In a fresh child: FFmpeg's error sits in C's stdout buffer when the failure is reported."""
+    from monitor.sources import _StderrReasons
+
+    reasons = _StderrReasons()
+    # OpenCV prints FFmpeg's log with printf: on a pipe, C stdio holds it in a 4 KiB buffer.
+    ctypes.CDLL(None).printf(b"[OPENCV:FFMPEG:16] Connection to tcp://cam:554 failed: Connection refused\n")
+    started = time.monotonic()
+    first = reasons.latest("cannot open stream")
+    elapsed = time.monotonic() - started
+    conn.send((first, elapsed, reasons.latest("cannot open stream")))
+
+
+def test_failure_reason_includes_ffmpeg_output_still_buffered_when_the_stream_fails(monkeypatch):
+    # As under systemd: without PYTHONUNBUFFERED, C's stdout on a pipe is fully buffered.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    reader, writer = mp.get_context("spawn").Pipe(duplex=False)
+    child = mp.get_context("spawn").Process(target=_report_a_buffered_ffmpeg_error, args=(writer,))
+    child.start()
+    writer.close()
+    try:
+        assert reader.poll(30), "the child reported nothing"
+        first, elapsed, second = reader.recv()
+    finally:
+        child.join(10)
+    assert first == "connection refused"
+    assert elapsed < _STDERR_SYNC_TIMEOUT  # the reader acknowledged; not the fallback deadline
+    assert second == "cannot open stream"  # a reason is reported once
