@@ -53,6 +53,10 @@ STALL_GRACE = 10.0
 UPLOAD_SHARE = 4
 #: Seconds given to in-flight MQTT messages at shutdown.
 SHUTDOWN_PUBLISH_TIMEOUT = 5.0
+#: Sections read once at start (the model, connections, files, logging): a reload keeps them.
+RESTART_SECTIONS = ("model", "mqtt", "http", "spool", "snapshots", "log", "cluster")
+#: detect keys the detector and the loop read once at start (detect.fps applies on reload).
+RESTART_DETECT_KEYS = ("max_batch", "max_wait_ms", "max_age_ms")
 
 
 class SystemdNotifier:
@@ -214,14 +218,15 @@ class Daemon:
             logger.error("reload rejected, the running configuration stays: %s", exc)
             return
         old = self.settings
-        fixed = [
-            k for k in ("model", "mqtt", "http", "spool", "cluster") if getattr(old, k) != getattr(new, k)
-        ]
-        if fixed:
-            logger.warning("changes to %s take effect after a restart", ", ".join(fixed))
-        rebuild_all = (old.objects, old.detect) != (new.objects, new.detect)
+        fixed = [k for k in RESTART_SECTIONS if getattr(old, k) != getattr(new, k)]
+        fixed_detect = [k for k in RESTART_DETECT_KEYS if getattr(old.detect, k) != getattr(new.detect, k)]
+        if fixed or fixed_detect:
+            changed = [*fixed, *(f"detect.{k}" for k in fixed_detect)]
+            logger.warning("changes to %s take effect after a restart", ", ".join(changed))
         # Keep what needs a restart, take the rest.
-        self.settings = new.model_copy(update={k: getattr(old, k) for k in fixed})
+        detect = new.detect.model_copy(update={k: getattr(old.detect, k) for k in fixed_detect})
+        self.settings = new.model_copy(update={**{k: getattr(old, k) for k in fixed}, "detect": detect})
+        rebuild_all = (old.objects, old.detect) != (self.settings.objects, self.settings.detect)
         wanted = set(mine(new.cameras, self.shard))
         for name in sorted(set(self.sources) - wanted):
             logger.info("camera removed", extra={"camera": name})

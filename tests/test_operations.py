@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -156,16 +157,40 @@ def test_sighup_adds_and_removes_cameras_without_touching_the_others(
     def processed(name: str) -> float:
         return daemon.metrics().get(f'monitor_camera_frames_processed_total{{camera="{name}"}}', 0.0)
 
+    def cameras() -> dict[str, dict[str, object]]:
+        url = f"http://127.0.0.1:{daemon.http_port}/api/cameras"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            answer: dict[str, dict[str, object]] = json.load(response)
+        return answer
+
     wait_until(lambda: processed("keep") > 0 and processed("old") > 0, 30, "both cameras processing")
+    wait_until(lambda: cameras()["keep"]["state"] == "online", 30, "camera keep online")
+    keep_since = cameras()["keep"]["since"]
     config["cameras"] = {"keep": {"url": str(CLIP)}, "new": {"url": str(CLIP)}}
+    # Keys read only at start: the reload keeps the running values and says so.
+    config["detect"]["max_batch"] = 4
+    config["log"]["level"] = "INFO"
     config_path.write_text(yaml.safe_dump(config))
-    keep_before = processed("keep")
+    keep_seen = [processed("keep")]
+
+    def keep_going_and_new_started() -> bool:
+        # A restarted camera starts its counter again from 0 (or has none for a moment).
+        keep_seen.append(processed("keep"))
+        return processed("new") > 0
+
+    def keep_gained() -> bool:
+        keep_seen.append(processed("keep"))
+        return keep_seen[-1] > keep_seen[0]
+
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: processed("new") > 0, 30, "the new camera's frames")
+    wait_until(keep_going_and_new_started, 30, "the new camera's frames", interval=0.2)
+    wait_until(keep_gained, 15, "camera keep going on", interval=0.2)
+    assert keep_seen == sorted(keep_seen), f"camera keep's processed counter went back: {keep_seen}"
+    assert cameras()["keep"] == {"state": "online", "since": keep_since, "reason": None, "reconnects": 0}
     metrics = daemon.metrics()
     assert 'monitor_camera_frames_processed_total{camera="old"}' not in metrics
-    assert metrics['monitor_camera_reconnects_total{camera="keep"}'] == 0  # never restarted
-    assert processed("keep") > keep_before
+    assert "old" not in cameras()
+    assert "changes to log, detect.max_batch take effect after a restart" in daemon.log()
 
     # An invalid configuration is refused; the running one stays.
     config_path.write_text("cameras: {broken: {url: 42, colour: red}}\n")
