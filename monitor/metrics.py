@@ -89,6 +89,11 @@ class Metrics:
             "Messages dropped from the spool before their PUBACK (spool.max_events or spool.max_age).",
             registry=r,
         )
+        self.mqtt_refused = Counter(
+            "monitor_mqtt_publish_refused",
+            "Spooled messages the broker refused in its PUBACK (MQTT 5 only, e.g. denied by its ACL).",
+            registry=r,
+        )
         self.spool_oldest_age = Gauge(
             "monitor_spool_oldest_age_seconds",
             "Age of the oldest message in the spool; 0 when it is empty.",

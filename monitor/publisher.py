@@ -21,6 +21,13 @@ broker that is gone for days costs disk (bounded by ``spool.max_events`` and
 ``spool.max_age``), not memory. A row the spool drops to stay within its
 bounds may still be delivered if paho already holds it.
 
+Under MQTT 5 a PUBACK carries a reason code: one that says failure (0x87
+not authorized, when the broker's ACL denies the topic) leaves the row in the
+spool, logged and counted in ``monitor_mqtt_publish_refused_total``, to be
+sent again on the next start. MQTT 3.1.1 has no such code, and Mosquitto
+PUBACKs a publish its ACL denies like any other, so under 3.1.1 that message
+is deleted and lost: ``mqtt.protocol: "5"`` is the safer choice.
+
 Connection failures never raise: paho retries with backoff
 (``RECONNECT_MIN`` doubling to ``RECONNECT_MAX`` seconds) while events keep
 going to the spool. Each new kind of failure is logged once and kept in
@@ -109,6 +116,7 @@ class Publisher:
         self._burst_dropped = 0
         self._acks: queue.SimpleQueue[tuple[int, float, ReasonCode] | None] = queue.SimpleQueue()
         self._statuses: dict[str, bytes] = {}
+        self._refused_topics: set[str] = set()
         self._connected = threading.Event()
         self._idle = threading.Condition(self._lock)
         self.last_error: str | None = None
@@ -412,13 +420,9 @@ class Publisher:
 
     def _acked(self, message: Message, when: float, reason: ReasonCode) -> None:
         if reason.is_failure:  # MQTT 5 only, e.g. 0x87 when the ACL forbids the topic
-            logger.error(
-                "the broker refused spool row %d on %s: %s; it will not be re-sent",
-                message.id,
-                message.topic,
-                reason,
-            )
-        elif message.capture_time is not None:
+            self._refused(message, reason)
+            return
+        if message.capture_time is not None:
             self._metrics.alert_latency.observe(max(0.0, when - message.capture_time))
         try:
             self._spool.remove(message.id)
@@ -432,6 +436,28 @@ class Publisher:
                 dropped, self._burst_dropped, self._dropping = self._burst_dropped, 0, False
         if ended:
             logger.info("the spool is draining; %d message(s) were dropped while it was full", dropped)
+
+    def _refused(self, message: Message, reason: ReasonCode) -> None:
+        """A PUBACK with a failure code: not delivered, so the row stays in the spool.
+
+        It is not re-sent on this connection (the broker would refuse it again);
+        the next start replays it, after whoever runs the broker fixed the cause.
+        Each topic's first refusal is an error, repeats are debug and counted.
+        """
+        self._metrics.mqtt_refused.inc()
+        first = message.topic not in self._refused_topics  # only this thread touches the set
+        self._refused_topics.add(message.topic)
+        logger.log(
+            logging.ERROR if first else logging.DEBUG,
+            "the broker refused spool row %d on %s: %s (does its ACL let user %r publish there?); "
+            "the message stays in the spool and is sent again when the daemon restarts; further "
+            "refusals are counted in monitor_mqtt_publish_refused_total",
+            message.id,
+            message.topic,
+            reason,
+            self.settings.username,
+        )
+        self._metrics.spool_pending.set(self._spool.count())
 
     def _trim(self) -> None:
         try:

@@ -689,6 +689,52 @@ def test_mqtt5_wrong_password_is_unauthorized(tmp_path, tls_broker):
         assert not publisher.connected
 
 
+def test_an_mqtt5_publish_the_acl_denies_stays_in_the_spool_until_a_restart_delivers_it(
+    tmp_path, caplog, durable_subscribers
+):
+    passwd, acl = tmp_path / "passwd", tmp_path / "acl"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), USER, PASSWORD], check=True)
+    acl.write_text(f"user {USER}\ntopic readwrite t/available\n")  # not t/events
+    broker = start_broker(
+        tmp_path,
+        "acl",
+        f"listener {{port}} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
+        "persistence false\n",
+    )
+    try:
+        caplog.set_level(logging.INFO, logger="monitor.publisher")
+        metrics = Metrics()
+        settings = MqttSettings(
+            port=broker.port, topic_prefix="t", protocol="5", username=USER, password=SecretStr(PASSWORD)
+        )
+        with Spool(tmp_path / "spool.db") as spool:
+            with Publisher(settings, spool, metrics) as publisher:
+                publisher.publish([alert("denied-0")])
+                wait_until(
+                    lambda: metrics.registry.get_sample_value("monitor_mqtt_publish_refused_total") == 1,
+                    10,
+                    "the refusal to be counted",
+                )
+                assert publisher.connected
+                assert ids(spool) == ["denied-0"], "a refused message left the spool"
+                assert metrics.registry.get_sample_value("monitor_spool_pending") == 1
+            refusals = [r for r in caplog.records if "refused spool row" in r.getMessage()]
+            assert [r.levelno for r in refusals] == [logging.ERROR]
+            assert "t/events" in refusals[0].getMessage()
+            assert "Not authorized" in refusals[0].getMessage()
+
+            broker.stop()
+            acl.write_text(f"user {USER}\ntopic readwrite t/#\n")  # the operator fixes the ACL
+            broker.start()
+            sub = DurableSubscriber(broker.port, "t/events", "durable-acl", auth=(USER, PASSWORD))
+            durable_subscribers.append(sub)
+            with Publisher(settings, spool, Metrics()):  # the restart replays the spool
+                sub.wait_for_all({"denied-0"}, 10)
+                wait_until(lambda: spool.count() == 0, 10, "the spool to empty")
+    finally:
+        broker.stop()
+
+
 def test_a_ca_file_that_is_no_certificate_fails_at_start(tmp_path):
     bogus = tmp_path / "ca.crt"
     bogus.write_text("not a certificate\n")
