@@ -117,7 +117,6 @@ class Daemon:
         self._last_watchdog = 0.0
         self._last_processed = time.monotonic()
         self._processed = self._processed_at_watchdog = 0
-        self.device_memory: Callable[[], float] | None = None
 
     def run(
         self,
@@ -163,7 +162,8 @@ class Daemon:
             stack.enter_context(HttpServer(settings.http, app))
             detector = Detector(settings.model, settings.detect.max_batch)
             logger.info("warm-up took %.2f s", detector.warmup())
-            self.device_memory = detector.memory_bytes
+            # Read at scrape time, under systemd or not.
+            self.metrics.gpu_memory.set_function(detector.memory_bytes)
             self.health.model_ready = True
             self.metrics.ready.set(1)
             if publisher is not None:
@@ -374,8 +374,6 @@ class Daemon:
         self._notifier.notify(
             f"WATCHDOG=1\nSTATUS={online}/{len(self.sources)} cameras online, {fps:.1f} frames/s"
         )
-        if self.device_memory is not None:
-            self.metrics.gpu_memory.set(self.device_memory())
 
 
 def pipeline_healthy(now: float, online: int, last_processed: float, interval: float) -> bool:

@@ -145,6 +145,16 @@ def test_notify_ready_then_watchdog_which_stops_when_the_loop_stalls(
     assert daemon.terminate() == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.integration
+def test_gpu_memory_is_exported_without_systemd(weights, tmp_path, broker, daemon_factory):
+    config = base_config(weights, tmp_path, broker.port, free_port())
+    config["model"]["device"] = "cuda:0"
+    daemon = daemon_factory(config)  # no NOTIFY_SOCKET, no WATCHDOG_USEC
+    assert daemon.metrics()["monitor_gpu_memory_bytes"] > 0
+    assert daemon.terminate() == 0
+
+
 @pytest.mark.integration
 def test_sighup_adds_and_removes_cameras_without_touching_the_others(
     weights, tmp_path, broker, daemon_factory
