@@ -14,6 +14,12 @@ Per track (one camera's ByteTrack id):
 * ``end`` when the track has not been seen for ``max_disappeared`` seconds
   (``stationary_max_disappeared`` for a stationary one).
 
+Each event keeps its best frame (highest score) as an annotated snapshot
+(zones, box, label): ``new`` carries the best so far, an ``update`` with a
+better score a better one, and ``end`` the best frame when it came after the
+last one sent (a peak inside ``update_interval`` just before the track was
+lost would otherwise never be kept).
+
 A track that has not moved (its box keeps overlapping where it came to rest
 by ``stationary_iou``) for ``stationary_after`` seconds is stationary: it
 sends no updates, and a new ByteTrack id that appears on the same spot with
@@ -34,6 +40,7 @@ from __future__ import annotations
 import secrets
 import statistics
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,9 +48,10 @@ import numpy as np
 import supervision as sv
 from pydantic import BaseModel, Field
 
-from monitor.settings import Category, ObjectsSettings
+from monitor.settings import Category, ObjectsSettings, Point
 from monitor.snapshots import Annotator, encode_jpeg
 from monitor.sources import Frame
+from monitor.zones import to_pixels
 
 EventType = Literal["new", "update", "end"]
 RATE_WINDOW = 60.0  # seconds of max_events_per_minute
@@ -110,6 +118,7 @@ class _Track:
     best_image: np.ndarray | None = None
     best_box: list[float] = field(default_factory=list)
     best_score: float = -1.0
+    sent_best: float = -1.0  # best_score of the last snapshot sent
     seen_now: bool = False
 
 
@@ -127,6 +136,7 @@ class AlertRules:
         snapshot_topic: Topic template for snapshots: ``{label}`` is filled in.
         instance: The daemon's instance id, reported in events.
         required_zones: Zones an object must enter before it alerts (none: anywhere).
+        zones: The camera's zone polygons by name (pixels or fractions), drawn on snapshots.
     """
 
     def __init__(
@@ -137,6 +147,7 @@ class AlertRules:
         snapshot_topic: str,
         instance: str | None = None,
         required_zones: list[str] | None = None,
+        zones: Mapping[str, list[Point]] | None = None,
     ) -> None:
         self.camera = camera
         self.objects = objects
@@ -144,6 +155,7 @@ class AlertRules:
         self.snapshot_topic = snapshot_topic
         self.instance = instance
         self.required_zones = set(required_zones or [])
+        self.zones = dict(zones or {})
         self._tracks: dict[int, _Track] = {}
         self._aliases: dict[int, int] = {}  # later ByteTrack ids of a parked object -> its track
         self._last_new: dict[str, float] = {}
@@ -203,7 +215,10 @@ class AlertRules:
             for alias in [a for a, target in self._aliases.items() if target == track_id]:
                 del self._aliases[alias]
             if track.event_id is not None:
-                alerts.append(self._alert("end", track, track.last_seen, end_time=track.last_seen))
+                best = self._snapshot(track) if track.best_score > track.sent_best else None
+                alerts.append(
+                    self._alert("end", track, track.last_seen, snapshot=best, end_time=track.last_seen)
+                )
         return alerts
 
     # -- per track -------------------------------------------------------------
@@ -320,10 +335,14 @@ class AlertRules:
         """The track's best frame so far, annotated, as JPEG (None for silenced tracks)."""
         if track.best_image is None or track.silenced is not None:
             return None
+        track.sent_best = track.best_score
+        height, width = track.best_image.shape[:2]
+        zones = [(name, to_pixels(points, width, height)) for name, points in self.zones.items()]
         detections = sv.Detections(
             xyxy=np.array([track.best_box], dtype=np.float32),
             confidence=np.array([track.best_score], dtype=np.float32),
             class_id=np.array([0]),
         )
-        scene = self._annotator.draw(track.best_image, detections, [f"{track.label} {track.best_score:.2f}"])
+        label = f"{track.label} {track.best_score:.2f}"
+        scene = self._annotator.draw(track.best_image, detections, [label], zones)
         return encode_jpeg(scene)

@@ -40,6 +40,7 @@ class CameraPipeline:
             f"{prefix}/{name}/{{label}}/snapshot",
             instance=instance,
             required_zones=camera.required_zones,
+            zones={zone: z.coordinates for zone, z in camera.zones.items()},
         )
         self.track_ids: set[int] = set()  # every ByteTrack id seen (replay's summary)
 

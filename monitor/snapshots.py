@@ -1,4 +1,4 @@
-"""Annotated pictures: boxes and labels drawn with supervision, encoded as JPEG.
+"""Annotated pictures: zones, boxes and labels drawn with supervision, encoded as JPEG.
 
 Used for event snapshots (MQTT, and the bounded on-disk store behind
 ``/api/events/{event_id}/snapshot.jpg``) and for ``/predict_image`` and
@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -19,18 +20,45 @@ import supervision as sv
 JPEG_QUALITY = 85
 #: What event ids look like (``<start time>-<hex>``); anything else never touches the disk.
 EVENT_ID = re.compile(r"^[0-9]+\.[0-9]{6}-[0-9a-f]{6}$")
+#: Zone outlines, by the zone's position in the camera's config; none of them is the box colour of
+#: class 0 (``sv.ColorPalette.DEFAULT``), which every event snapshot uses.
+ZONE_COLORS = sv.ColorPalette.from_hex(["#ffff00", "#00ffff", "#ff8000", "#00ff00", "#ff00ff", "#ffffff"])
+ZONE_THICKNESS = 2
 
 
 class Annotator:
-    """Draws detections on a copy of a frame. One per thread (annotators keep state)."""
+    """Draws detections (and zones) on a copy of a frame. One per thread (annotators keep state)."""
 
     def __init__(self) -> None:
         self._boxes = sv.BoxAnnotator(thickness=2)
         self._labels = sv.LabelAnnotator(text_scale=0.5, text_padding=4)
 
-    def draw(self, image: np.ndarray, detections: sv.Detections, labels: list[str]) -> np.ndarray:
-        """A copy of ``image`` (HxWx3 BGR) with each detection's box and label."""
-        scene = self._boxes.annotate(image.copy(), detections)
+    def draw(
+        self,
+        image: np.ndarray,
+        detections: sv.Detections,
+        labels: list[str],
+        zones: Sequence[tuple[str, np.ndarray]] = (),
+    ) -> np.ndarray:
+        """A copy of ``image`` (HxWx3 BGR) with each zone, then each detection's box and label.
+
+        Args:
+            image: The frame.
+            detections: Boxes in frame pixels.
+            labels: One text per detection.
+            zones: ``(name, corners)`` with corners Nx2 in frame pixels; outlined and named
+                under the boxes, coloured by position (``ZONE_COLORS``).
+        """
+        scene = image.copy()
+        for index, (name, corners) in enumerate(zones):
+            color = ZONE_COLORS.by_idx(index)
+            polygon = corners.astype(np.int64)
+            scene = sv.draw_polygon(scene, polygon, color, ZONE_THICKNESS)
+            x1, y1 = polygon.min(axis=0)
+            x2 = polygon[:, 0].max()
+            anchor = sv.Point(x=int(x1 + x2) // 2, y=int(y1) + ZONE_THICKNESS + 8)
+            scene = sv.draw_text(scene, name, anchor, text_scale=0.4, text_padding=2, background_color=color)
+        scene = self._boxes.annotate(scene, detections)
         return self._labels.annotate(scene, detections, labels=labels)
 
 

@@ -15,7 +15,11 @@ from monitor.settings import CameraSettings, ObjectsSettings, Point
 ANCHOR = (sv.Position.BOTTOM_CENTER,)
 
 
-def _pixels(points: list[Point], width: int, height: int) -> np.ndarray:
+def to_pixels(points: list[Point], width: int, height: int) -> np.ndarray:
+    """A polygon's corners in pixels of a ``width`` x ``height`` frame (Nx2 int32).
+
+    Fractions are used when every coordinate is at most 1, else the points are pixels already.
+    """
     fractions = all(x <= 1 and y <= 1 for x, y in points)
     scale = np.array([width, height] if fractions else [1, 1], dtype=np.float64)
     return np.round(np.array(points, dtype=np.float64) * scale).astype(np.int32)
@@ -42,12 +46,12 @@ class Regions:
             return
         self._shape = (height, width)
         self._masks = [
-            sv.PolygonZone(_pixels(m, width, height), triggering_anchors=ANCHOR) for m in self._camera.masks
+            sv.PolygonZone(to_pixels(m, width, height), triggering_anchors=ANCHOR) for m in self._camera.masks
         ]
         self._zones = [
             (
                 name,
-                sv.PolygonZone(_pixels(z.coordinates, width, height), triggering_anchors=ANCHOR),
+                sv.PolygonZone(to_pixels(z.coordinates, width, height), triggering_anchors=ANCHOR),
                 set(z.objects) if z.objects is not None else None,
             )
             for name, z in self._camera.zones.items()
