@@ -8,6 +8,7 @@ whose schema is not there: its structure is checked here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -278,10 +279,8 @@ def test_configmap_config_loads_with_the_pod_environment(container, tmp_path, mo
     assert settings.http.port == 8080
     assert str(settings.spool.path) == "/var/lib/monitor/spool.db"
     assert all(c.url.get_secret_value().startswith("rtsp://") for c in settings.cameras.values())
-    cluster = getattr(settings, "cluster", None)  # the section lands with the daemon's side
-    if cluster is not None:
-        assert cluster.shard_count == 2
-        assert cluster.instance_id == POD_NAME
+    assert settings.cluster.shard_count == 2
+    assert settings.cluster.instance_id == POD_NAME
 
 
 def test_every_shard_of_the_example_gets_cameras():
@@ -296,8 +295,8 @@ def readme_shards_tables() -> dict[int, dict[str, int]]:
     tables = {}
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL):
         command = re.search(r"monitor shards .*--count (\d+)", block)
-        if command:
-            rows = re.findall(r"^(\w+)\s+(\d+)$", block, re.MULTILINE)
+        rows = re.findall(r"^(\w+)\s+(\d+)$", block, re.MULTILINE)
+        if command and rows:  # a command shown with its output
             tables[int(command[1])] = {camera: int(shard) for camera, shard in rows}
     return tables
 
@@ -309,3 +308,67 @@ def test_readme_shows_the_real_split_of_the_example_cameras():
     for count, table in tables.items():
         expected = {camera: shard for shard, names in assign(cameras, count).items() for camera in names}
         assert table == expected, count
+
+
+# -- the image (Dockerfile at the repository root) ----------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (INSTRUCTION, arguments), continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (word.upper(), rest.strip())
+        for word, _, rest in (line.partition(" ") for line in lines if line and not line.startswith("#"))
+    ]
+
+
+def instruction(name: str) -> list[str]:
+    return [args for word, args in dockerfile() if word == name]
+
+
+def test_the_image_runs_as_the_statefulsets_user(statefulset):
+    security = statefulset["spec"]["template"]["spec"]["securityContext"]
+    assert instruction("USER") == [f"{security['runAsUser']}:{security['runAsGroup']}"]
+    assert security["fsGroup"] == security["runAsGroup"]
+    runs = " ".join(instruction("RUN"))
+    assert f"groupadd --gid {security['runAsGroup']} " in runs
+    assert f"useradd --uid {security['runAsUser']} --gid {security['runAsGroup']} " in runs
+    (base,) = instruction("FROM")
+    assert base.startswith("python:3.11-slim")
+
+
+def test_the_image_entrypoint_takes_the_statefulsets_args(container):
+    assert "command" not in container, "the image's ENTRYPOINT is the command"
+    assert [json.loads(e) for e in instruction("ENTRYPOINT")] == [["monitor"]]
+    assert [json.loads(c) for c in instruction("CMD")] == [container["args"]]
+    assert instruction("EXPOSE") == [str(p["containerPort"]) for p in container["ports"]]
+
+
+def test_the_image_holds_the_weights_at_the_configmaps_model_path():
+    model_path = yaml.safe_load(one("configmap.yaml")["data"]["monitor.yaml"])["model"]["path"]
+    copies = [args.split() for args in instruction("COPY")]
+    (weights,) = [c for c in copies if c[-1] == model_path]
+    assert weights[0].endswith(Path(model_path).name)
+    assert ["pyproject.toml", "README.md", "./"] in copies
+    assert ["monitor", "./monitor"] in copies
+    # .dockerignore lets exactly what is copied into the build context.
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in ignore
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert {src for *sources, _ in copies for src in sources} == allowed
+
+
+def test_the_image_writes_only_where_the_pod_has_writable_volumes(statefulset, container):
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    writable = (mounts["state"], mounts["tmp"])
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instruction("ENV"))))
+    pod_env = env_of(container)
+    for name in ("HOME", "YOLO_CONFIG_DIR", "MPLCONFIGDIR", "CUDA_CACHE_PATH"):
+        assert any(env[name] == root or env[name].startswith(f"{root}/") for root in writable), name
+        if name in pod_env:
+            assert pod_env[name]["value"] == env[name], name
+    assert instruction("WORKDIR")[-1] == mounts["state"]
+    security = statefulset["spec"]["template"]["spec"]["securityContext"]
+    owner = f"{security['runAsUser']}:{security['runAsGroup']}"
+    assert f"chown {owner} {mounts['state']}" in " ".join(instruction("RUN"))
