@@ -24,6 +24,8 @@ pytestmark = pytest.mark.integration
 TOKEN = "test-token-123"
 MAX_UPLOAD = 300_000
 MAX_PIXELS = 1_000_000
+#: Seconds an upload may keep being told 503 (and retrying) during a burst before it counts as starved.
+BURST_ANSWER_TIMEOUT = 30
 
 
 @pytest.fixture(scope="module")
@@ -212,27 +214,67 @@ def test_upload_burst_never_starves_the_cameras(weights, tmp_path, broker, daemo
         return sum(after[k] - before[k] for k in keys) / (time.monotonic() - start)
 
     baseline = rate(6)
-    statuses: list[int] = []
+    lock = threading.Lock()
+    started = 0
+    answers: list[httpx.Response] = []
     done = threading.Event()
     url = f"http://127.0.0.1:{daemon.http_port}/predict"
 
     def upload() -> None:
         """20 clients at once, each uploading again as soon as it is answered (after Retry-After on 503)."""
+        nonlocal started
         with httpx.Client(timeout=60) as client:
             while not done.is_set():
+                with lock:
+                    started += 1
                 r = client.post(url, files={"file": ("p.jpg", PEOPLE_JPG.read_bytes())})
-                statuses.append(r.status_code)
+                with lock:
+                    answers.append(r)
                 if r.status_code == 503:
                     done.wait(float(r.headers["retry-after"]))
 
+    corrupt: list[httpx.Response] = []
+    corrupt_answered = threading.Event()
+
+    def upload_corrupt() -> None:
+        """One truncated JPEG in the middle of the burst, retried as told while the queue is full."""
+        deadline = time.monotonic() + BURST_ANSWER_TIMEOUT
+        with httpx.Client(timeout=60) as client:
+            while time.monotonic() < deadline:
+                r = client.post(url, files={"file": ("bad.jpg", PEOPLE_JPG.read_bytes()[:20_000])})
+                corrupt.append(r)
+                if r.status_code != 503:
+                    corrupt_answered.set()
+                    return
+                time.sleep(float(r.headers["retry-after"]))  # what the server asked a client to do
+
     threads = [threading.Thread(target=upload) for _ in range(20)]
+    threads.append(threading.Thread(target=upload_corrupt))
     for t in threads:
         t.start()
     during = rate(6)
+    # The burst goes on until the corrupt upload has had its answer, so that answer came during it.
+    corrupt_answered.wait(BURST_ANSWER_TIMEOUT)
     done.set()
     for t in threads:
         t.join(60)
-    assert statuses
+    assert not [t for t in threads if t.is_alive()], "an upload got no answer within 60 s"
+    assert started == len(answers) > 20, f"{started} uploads started, {len(answers)} answered"
+    statuses = [r.status_code for r in answers]
     assert set(statuses) <= {200, 503}, sorted(set(statuses))
     assert 200 in statuses
+    busy = [r for r in answers if r.status_code == 503]
+    assert busy, "20 clients on a queue of 4: some must be told to come back"
+    for r in busy:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["detail"].startswith("busy: ")
+        assert "retry later" in r.json()["detail"]
+    for r in answers:
+        if r.status_code == 200:
+            assert {x["label"] for x in r.json()["results"]} == {"person"}
+    assert corrupt, "the corrupt upload was never sent"
+    assert corrupt[-1].status_code == 422, [r.status_code for r in corrupt]
+    assert "corrupt or truncated JPEG" in corrupt[-1].json()["detail"]
     assert during >= 0.7 * baseline, f"cameras: {during:.2f} fps during the burst, {baseline:.2f} before"
+    after = daemon.metrics()
+    assert all(after[f'monitor_camera_up{{camera="{c}"}}'] == 1 for c in ("a", "b"))
