@@ -1,9 +1,16 @@
 """The spool: events on disk until the broker acknowledges them.
 
-SQLite in WAL mode with ``synchronous=FULL``: a message is on disk before it
-is handed to MQTT and is deleted only when its PUBACK arrives, so neither a
-broker outage nor a daemon crash (nor a power cut) loses it. On start the
-publisher replays whatever is left, oldest first.
+SQLite in WAL mode: a message is committed before it is handed to MQTT and
+is deleted only when its PUBACK arrives, so neither a broker outage nor a
+daemon crash (``kill -9``) loses it. On start the publisher replays whatever
+is left, oldest first.
+
+How far a commit goes toward the disk is ``synchronous``. The daemon passes
+``spool.synchronous``, whose default is ``auto``: ``FULL`` (an fsync per
+write, survives a power cut) while the broker is away, when messages may wait
+for hours, and ``NORMAL`` (survives a crash of the process, not of the
+machine) while it is connected and a PUBACK follows within milliseconds. This
+class on its own defaults to ``FULL``; ``full`` and ``normal`` pin one mode.
 
 The spool is bounded so that a broker gone for weeks cannot fill the disk:
 past ``max_events`` messages, or for messages older than ``max_age`` seconds,

@@ -5,11 +5,12 @@ through the real ``monitor.publisher.Publisher`` for SECONDS per mode:
 
 * ``memory``: the same Publisher code path with a spool that keeps its rows in
   a dict (no SQLite, no fsync): the baseline;
-* ``full``: the real ``Spool`` with ``synchronous=FULL`` (the default: a
-  message survives a power cut);
+* ``full``: the real ``Spool`` with ``synchronous=FULL`` (``spool.synchronous:
+  full``; the ``Spool`` class's own default: a message survives a power cut);
 * ``normal``: the real ``Spool`` with ``synchronous=NORMAL`` (survives a crash
   of the daemon, not of the machine);
-* ``auto`` (the default): NORMAL while the broker is connected, FULL while not.
+* ``auto`` (the daemon's default, ``spool.synchronous: auto``): NORMAL while the broker
+  is connected, FULL while not.
 
 Modes run interleaved, in ROUNDS rounds (the order rotates each round), each
 with a fresh spool file in DIR (default: the system's temporary directory;

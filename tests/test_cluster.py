@@ -270,3 +270,35 @@ def test_cluster_settings_are_frozen():
     settings = ClusterSettings(shard_count=2)
     with pytest.raises(ValidationError):
         settings.shard_count = 3  # type: ignore[misc]
+
+
+def test_shards_command_prints_the_assignment_of_monitor_cluster(tmp_path, capsys):
+    from monitor.cli import main
+
+    config = tmp_path / "monitor.yaml"
+    cameras = {name: {"url": f"rtsp://10.0.0.1/{name}"} for name in FARM}
+    cameras["well"]["enabled"] = False
+    config.write_text(
+        json.dumps({"model": {"path": "m.pt"}, "cluster": {"shard_count": 4}, "cameras": cameras})
+    )
+
+    def printed(argv: list[str]) -> tuple[dict[str, int], dict[int, int], str]:
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        rows = {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+(\d+)(?:\s+\(disabled\))?$", out, re.M)}
+        totals = {int(m[1]): int(m[2]) for m in re.finditer(r"^shard (\d+): (\d+) camera\(s\)$", out, re.M)}
+        return rows, totals, out
+
+    for count, argv in [
+        (3, ["shards", "--config", str(config), "--count", "3"]),
+        (4, ["shards", "--config", str(config)]),  # cluster.shard_count
+    ]:
+        rows, totals, out = printed(argv)
+        expected = assign(sorted(FARM), count)
+        assert rows == {camera: shard for shard, names in expected.items() for camera in names}
+        assert totals == {shard: len(names) for shard, names in expected.items()}
+        assert out.splitlines()[0].split() == ["camera", "shard"]
+        assert re.search(r"^well\s+\d+  \(disabled\)$", out, re.M), out
+
+    assert main(["shards", "--config", str(config), "--count", "0"]) == 2
+    assert "error: --count" in capsys.readouterr().err
