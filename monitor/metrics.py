@@ -71,6 +71,12 @@ class Metrics:
         self.camera_up = Gauge(
             "monitor_camera_up", "1 while the camera delivers frames.", ["camera"], registry=r
         )
+        self.camera_enabled = Gauge(
+            "monitor_camera_enabled",
+            "1 unless the camera is configured enabled: false (then monitor_camera_up stays 0).",
+            ["camera"],
+            registry=r,
+        )
         self.camera_reconnects = Counter(
             "monitor_camera_reconnects", "Decoder restarts.", ["camera"], registry=r
         )
@@ -127,6 +133,7 @@ class Metrics:
             self.frames_dropped,
             self.camera_reconnects,
             self.camera_up,
+            self.camera_enabled,
             self.camera_frame_age,
         ):
             with contextlib.suppress(KeyError):  # never had a sample

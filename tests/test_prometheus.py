@@ -233,8 +233,12 @@ def test_alert_rules_fire_after_their_for_duration_and_only_on_their_condition(t
                 "input_series": [
                     series("up", a, "1 0x30"),
                     series("up", b, "1x30"),
+                    # cam1 goes down; cam2 stays up; cam3 is enabled: false, so never up.
                     series("monitor_camera_up", {**a, "camera": "cam1"}, "1 0x30"),
                     series("monitor_camera_up", {**a, "camera": "cam2"}, "1x30"),
+                    series("monitor_camera_up", {**a, "camera": "cam3"}, "0x30"),
+                    *(series("monitor_camera_enabled", {**a, "camera": c}, "1x30") for c in ("cam1", "cam2")),
+                    series("monitor_camera_enabled", {**a, "camera": "cam3"}, "0x30"),
                     *latency,
                     # a grows while the broker is away; b holds a steady backlog.
                     series("monitor_spool_pending", a, "0+5x30"),
@@ -246,6 +250,7 @@ def test_alert_rules_fire_after_their_for_duration_and_only_on_their_condition(t
                     alert("MonitorAbsent", "10m"),
                     alert("MonitorCameraDown", "2m"),
                     alert("MonitorCameraDown", "3m", {**a, "camera": "cam1"}),
+                    alert("MonitorCameraDown", "20m", {**a, "camera": "cam1"}),
                     alert("MonitorAlertLatencyHigh", "5m"),
                     alert("MonitorAlertLatencyHigh", "7m", a),
                     alert("MonitorSpoolGrowing", "10m"),
@@ -280,9 +285,11 @@ def test_every_dashboard_and_rule_query_returns_the_daemons_series(
     # Prometheus first: it then has samples from before the first event, so rates
     # of the alert-latency histogram over 30 s see that event.
     prometheus = prometheus_factory(http_port)
-    config = base_config(
-        weights, tmp_path, broker.port, http_port, cameras={"cam1": {"url": rtsp_server.url("cam1")}}
-    )
+    cameras = {
+        "cam1": {"url": rtsp_server.url("cam1")},
+        "off": {"url": rtsp_server.url("off"), "enabled": False},
+    }
+    config = base_config(weights, tmp_path, broker.port, http_port, cameras=cameras)
     daemon = daemon_factory(config)
 
     wait_until(lambda: prometheus.values('up{job="monitor"}') == [1], 30, "Prometheus to scrape the daemon")
@@ -321,6 +328,12 @@ def test_every_dashboard_and_rule_query_returns_the_daemons_series(
         for operand in condition_operands(expr):
             check_returns_samples(f"rule {name}, operand", operand)
     assert not failures, "queries that do not return the daemon's series:\n" + "\n".join(failures)
+
+    # A disabled camera is never up, yet MonitorCameraDown's condition leaves it out.
+    assert prometheus.values('monitor_camera_up{camera="off"}') == [0]
+    (camera_down,) = (expr for name, expr in rule_queries() if name == "MonitorCameraDown")
+    down = prometheus.api("query", query=camera_down)["data"]["result"]
+    assert "off" not in {s["metric"]["camera"] for s in down}
 
     # The dashboard shows every family the daemon exports.
     with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/metrics", timeout=5) as response:
