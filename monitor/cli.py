@@ -167,7 +167,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from monitor.detector import Detector
-    from monitor.predict import count_inputs, iter_pictures, to_response
+    from monitor.predict import annotated_name, count_inputs, iter_pictures, to_response
     from monitor.settings import ModelSettings
     from monitor.snapshots import Annotator, encode_jpeg, labels_of
 
@@ -177,20 +177,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model = ModelSettings(path=args.model, labels=dict(args.label or []))
     updates = {k: v for k, v in (("imgsz", args.imgsz), ("device", args.device)) if v is not None}
     model = model.model_copy(update=updates)
+    total = count_inputs(args.paths, vid_stride=args.vid_stride)  # bad paths fail before the model loads
     detector = Detector(model)
     annotator = Annotator()
     if args.save is not None:
         args.save.mkdir(parents=True, exist_ok=True)
+    saved: set[str] = set()
     pictures = iter_pictures(args.paths, vid_stride=args.vid_stride)
-    for picture in tqdm(pictures, total=count_inputs(args.paths), unit="img", disable=None, file=sys.stderr):
+    for picture in tqdm(pictures, total=total, unit="img", disable=None, file=sys.stderr):
         (found,) = detector.detect([picture.image], conf=args.conf)
         line = {"path": str(picture.path), **to_response(found).model_dump()}
         if picture.frame is not None:
             line["frame"] = picture.frame
         print(json.dumps(line), flush=True)
         if args.save is not None:
-            suffix = f"_{picture.frame:06d}" if picture.frame is not None else ""
-            out = args.save / f"{picture.path.stem}{suffix}.jpg"
+            out = args.save / annotated_name(picture, saved)
             out.write_bytes(encode_jpeg(annotator.draw(picture.image, found, labels_of(found))))
     return 0
 

@@ -25,7 +25,7 @@ from pi_heif import register_heif_opener
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
-from monitor.errors import MonitorError
+from monitor.errors import ConfigError, MonitorError
 
 #: Formats accepted for upload (Pillow's names).
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "HEIF")
@@ -121,25 +121,34 @@ class Picture:
     image: np.ndarray
 
 
-def count_inputs(paths: list[Path]) -> int:
-    """How many pictures ``iter_pictures`` will yield (video frames counted), for a progress bar."""
+def count_inputs(paths: list[Path], vid_stride: int = 1) -> int:
+    """How many pictures ``iter_pictures`` will yield (video frames counted), for a progress bar.
+
+    Raises:
+        ImageError: A path that does not exist.
+        ConfigError: ``vid_stride`` below 1.
+    """
+    _check_stride(vid_stride)
     total = 0
     for path in _files(paths):
         if path.suffix.lower() in VIDEO_SUFFIXES:
             cap = cv2.VideoCapture(str(path))
-            total += max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+            frames = max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
             cap.release()
+            total += -(-frames // vid_stride)  # frames 0, stride, 2 * stride ... below the count
         else:
             total += 1
     return total
 
 
 def iter_pictures(paths: list[Path], vid_stride: int = 1) -> Iterator[Picture]:
-    """Images, the images in folders (recursively, sorted), and video frames.
+    """Images, the images in folders (recursively, sorted), and every ``vid_stride``-th video frame.
 
     Raises:
         ImageError: A file that is neither a supported image nor a video.
+        ConfigError: ``vid_stride`` below 1.
     """
+    _check_stride(vid_stride)
     for path in _files(paths):
         if path.suffix.lower() in VIDEO_SUFFIXES:
             cap = cv2.VideoCapture(str(path))
@@ -157,7 +166,32 @@ def iter_pictures(paths: list[Path], vid_stride: int = 1) -> Iterator[Picture]:
             finally:
                 cap.release()
         else:
-            yield Picture(path, None, decode_image(path.read_bytes(), max_pixels=2**31))
+            try:
+                image = decode_image(path.read_bytes(), max_pixels=2**31)
+            except ImageError as exc:  # name the file: the command line may have many
+                raise ImageError(exc.status, f"{path}: {exc}") from exc
+            yield Picture(path, None, image)
+
+
+def annotated_name(picture: Picture, taken: set[str]) -> str:
+    """The file name of ``picture``'s annotated copy, unique among ``taken`` (which it joins).
+
+    ``people.jpg`` becomes ``people.jpg``, frame 40 of ``clip.mp4`` becomes
+    ``clip_000040.jpg``; a second ``people.jpg`` from another folder becomes
+    ``people-2.jpg`` instead of overwriting the first.
+    """
+    stem = picture.path.stem + (f"_{picture.frame:06d}" if picture.frame is not None else "")
+    name, n = f"{stem}.jpg", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}.jpg"
+    taken.add(name)
+    return name
+
+
+def _check_stride(vid_stride: int) -> None:
+    if vid_stride < 1:
+        raise ConfigError([f"--vid-stride: must be at least 1, got {vid_stride}"])
 
 
 def _files(paths: list[Path]) -> Iterator[Path]:
