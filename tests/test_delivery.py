@@ -434,7 +434,8 @@ def test_recommended_mosquitto_conf_keeps_queued_and_retained_messages_across_a_
         sender.connect("127.0.0.1", port)
         sender.loop_start()
         try:
-            queued = sender.publish("t/events", json.dumps({"event_id": "queued-1"}), qos=1)
+            event = {"event_id": "queued-1", "type": "new", "frame_time": 1.0}
+            queued = sender.publish("t/events", json.dumps(event), qos=1)
             retained = sender.publish("t/available", "online", qos=1, retain=True)
             queued.wait_for_publish(10)
             retained.wait_for_publish(10)
