@@ -30,7 +30,7 @@ from monitor import training
 from monitor.cli import EXIT_STARTUP, main
 from monitor.detector import Detector, sha256_of
 from monitor.settings import ModelSettings
-from tests.conftest import CLIP, PEOPLE_JPG, TEST_LABELS, free_port, wait_until
+from tests.conftest import CLIP, PEOPLE_JPG, TEST_LABELS, base_config, free_port, wait_until
 
 CLASSES = ["square", "disc"]
 IMAGE_SIZE = 64
@@ -212,16 +212,28 @@ def parity_frames() -> list[np.ndarray]:
     return [*frames, photo]
 
 
-@pytest.mark.filterwarnings(*ONNX_EXPORT_WARNINGS)
-def test_onnx_export_is_dynamic_and_detects_like_the_pt_weights(weights: Path, tmp_path: Path) -> None:
-    pt = tmp_path / "fall.pt"
+@dataclass
+class Exported:
+    ran: Ran
+    pt: Path
+    onnx: Path
+
+
+@pytest.fixture(scope="module")
+def exported(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """``monitor export --format onnx`` of a copy of the test weights, once for the module's tests."""
+    folder = tmp_path_factory.mktemp("export")
+    pt = folder / "fall.pt"
     shutil.copyfile(weights, pt)  # the export lands next to the weights: keep it out of site-packages
-
     ran = run_cli(["export", "--model", pt, "--format", "onnx", "--imgsz", EXPORT_IMGSZ])
-
     assert ran.code == 0, ran.err
-    onnx = Path(ran.out.strip())
-    assert onnx == tmp_path / "fall.onnx"
+    return Exported(ran, pt, Path(ran.out.strip()))
+
+
+@pytest.mark.filterwarnings(*ONNX_EXPORT_WARNINGS)
+def test_onnx_export_is_dynamic_and_detects_like_the_pt_weights(exported: Exported) -> None:
+    ran, pt, onnx = exported.ran, exported.pt, exported.onnx
+    assert ran.out == f"{pt.with_suffix('.onnx')}\n"
     assert onnx.is_file()
     settings = {"imgsz": EXPORT_IMGSZ, "device": "cpu", "conf": PARITY_CONF}
     reference = Detector(ModelSettings(path=pt, backend="torch", **settings))
@@ -246,11 +258,9 @@ def test_onnx_export_is_dynamic_and_detects_like_the_pt_weights(weights: Path, t
 
 
 @pytest.mark.filterwarnings(*ONNX_EXPORT_WARNINGS)
-def test_predict_endpoint_serves_the_exported_model(weights: Path, tmp_path: Path) -> None:
+def test_predict_endpoint_serves_the_exported_model(exported: Exported, tmp_path: Path) -> None:
     """`monitor serve` with model.path pointing at an ONNX export answers /predict like the .pt does."""
-    pt = tmp_path / "fall.pt"
-    shutil.copyfile(weights, pt)
-    onnx = Path(run_cli(["export", "--model", pt, "--format", "onnx", "--imgsz", EXPORT_IMGSZ]).out.strip())
+    pt, onnx = exported.pt, exported.onnx
     port = free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(
@@ -292,6 +302,31 @@ def test_predict_endpoint_serves_the_exported_model(weights: Path, tmp_path: Pat
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings(*ONNX_EXPORT_WARNINGS)
+def test_daemon_on_the_exported_model_alerts_person_over_mqtt(
+    exported: Exported, tmp_path: Path, broker, subscriber_factory, daemon_factory
+) -> None:
+    """`monitor run` with model.path pointing at the ONNX export: a file camera, a real broker."""
+    events = subscriber_factory(broker.port, "test/events")
+    config = base_config(
+        exported.onnx, tmp_path, broker.port, free_port(), cameras={"walkway": {"url": str(CLIP)}}
+    )
+    config["model"]["imgsz"] = EXPORT_IMGSZ
+    daemon = daemon_factory(config)
+
+    new = events.wait_for(lambda m: json.loads(m.payload)["type"] == "new", 60, "a new event")
+    event = json.loads(new.payload)
+    assert (event["camera"], event["label"]) == ("walkway", "person")
+    assert event["model"] == f"fall.onnx@{sha256_of(exported.onnx)[:12]}", "the event names the export"
+    x1, y1, x2, y2 = event["box"]
+    assert 0 <= x1 < x2 <= 768, event["box"]
+    assert 0 <= y1 < y2 <= 576, event["box"]
+    assert 0.35 <= event["score"] <= event["top_score"] <= 1
+    assert f"model {exported.onnx} loaded on cpu" in daemon.log(), "the daemon loaded the export itself"
+    assert daemon.terminate() == 0
 
 
 @pytest.mark.parametrize(
