@@ -133,7 +133,15 @@ class _FrameReady:
 
 @dataclass(frozen=True, slots=True)
 class _Failed:
+    """The child gives up: ``reason`` for the status; ``stalled`` when frames stopped coming."""
+
     reason: str
+    stalled: bool = False
+
+
+def stall_reason(settings: CameraSettings) -> str:
+    """The reason of a ``stalled`` camera: no frame for ``stall_timeout`` seconds."""
+    return f"no frame for {settings.stall_timeout:g} s"
 
 
 def frame_bytes(settings: CameraSettings) -> int:
@@ -180,6 +188,7 @@ class Source:
         self._restart_at: float | None = None
         self._backoff = BACKOFF_FIRST
         self._failure: str | None = None
+        self._failure_state = CameraState.OFFLINE
         self.state = CameraState.DISABLED if not settings.enabled else CameraState.STARTING
         self.since = time.time()
         self.reason: str | None = None
@@ -228,6 +237,7 @@ class Source:
         self._ready = None
         self._taken_seq = -1
         self._failure = None
+        self._failure_state = CameraState.OFFLINE
         now = time.monotonic()
         self._started = now
         self._opening = False
@@ -285,6 +295,7 @@ class Source:
                 )
             elif isinstance(message, _Failed):
                 self._failure = message.reason
+                self._failure_state = CameraState.STALLED if message.stalled else CameraState.OFFLINE
 
     def has_new_frame(self) -> bool:
         """True when a frame the detector has not taken is waiting."""
@@ -336,7 +347,7 @@ class Source:
         if not self._proc.is_alive():
             self._on_exit()
         elif self.state is CameraState.ONLINE and now - self._last_frame > self.settings.stall_timeout:
-            self._restart(CameraState.STALLED, f"no frame for {self.settings.stall_timeout:g} s")
+            self._restart(CameraState.STALLED, stall_reason(self.settings))
         elif self.state is CameraState.STARTING and now - self._started > (
             self.settings.open_timeout + KILL_GRACE if self._opening else SPAWN_TIMEOUT
         ):
@@ -348,7 +359,7 @@ class Source:
         self._proc.join(KILL_GRACE)
         code = self._proc.exitcode
         reason = self._failure or f"decoder exited (code {code})"
-        self._restart(CameraState.OFFLINE, reason)
+        self._restart(self._failure_state, reason)
 
     def _restart(self, state: CameraState, reason: str) -> None:
         self._stop_child()
@@ -545,7 +556,15 @@ def _decode_loop(
     play_start = time.monotonic()
     opened = False
     while True:
-        if not cap.grab():
+        grab_started = time.monotonic()
+        grabbed = cap.grab()
+        if opened and time.monotonic() - grab_started >= settings.stall_timeout:
+            # FFmpeg's read timeout fired: the connection is open but nothing arrives. OpenCV
+            # then flushes the decoder and can still hand out a frame it held back, one per
+            # timeout, which would keep a frozen camera "online" at 1/stall_timeout fps.
+            conn.send(_Failed(stall_reason(settings), stalled=True))
+            return 5
+        if not grabbed:
             if settings.is_file and seq > 0:
                 cap.release()
                 cap = _open(cv2, settings, url)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 import multiprocessing.connection as mpc
+import os
+import signal
 import time
 
 import pytest
@@ -167,3 +169,36 @@ def test_failure_reason_includes_ffmpeg_output_still_buffered_when_the_stream_fa
     assert first == "connection refused"
     assert elapsed < _STDERR_SYNC_TIMEOUT  # the reader acknowledged; not the fallback deadline
     assert second == "cannot open stream"  # a reason is reported once
+
+
+@pytest.mark.integration
+def test_frozen_rtsp_server_makes_the_camera_stalled_then_online_again():
+    stall = 2.0
+    server = start_rtsp_server({"cam": CLIP})
+    statuses: list[CameraStatus] = []
+    # Detect fps = the clip's 10 fps: the decoder converts every frame it reads.
+    settings = CameraSettings(url=server.url("cam"), stall_timeout=stall, open_timeout=3)
+    try:
+        with Source("frozen", settings, fps=10, metrics=Metrics(), on_status=statuses.append) as source:
+            pump(source, source.take, 20, "a first RTSP frame")
+            # SIGSTOP: the server's TCP connection stays open, but nothing is sent on it.
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            frozen_at = time.time()
+            pump(source, lambda: source.state is CameraState.STALLED, stall + 5, "the stall")
+            assert source.reason == f"no frame for {stall:g} s"
+            assert source.since - frozen_at <= stall + 2
+            after_freeze = [s.state for s in statuses if s.since >= frozen_at]
+            assert after_freeze[0] is CameraState.STALLED, after_freeze  # not offline, not online
+            os.kill(server.proc.pid, signal.SIGCONT)
+            thawed_at = time.time()
+            pump(
+                source,
+                lambda: source.state is CameraState.ONLINE and source.take() is not None,
+                20,
+                "frames after the server resumed",
+            )
+            assert source.since >= thawed_at
+            assert source.reconnects >= 1
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
