@@ -98,6 +98,11 @@ def test_broken_cameras_are_reported_and_never_disturb_a_healthy_one(
             "garbage": {"url": str(not_video), **camera_defaults},
             "corrupt": {"url": str(corrupt), **camera_defaults},
             "missing": {"url": str(tmp_path / "nowhere.mp4"), **camera_defaults},
+            # Nothing listens on this port: refused at once, with the password in the URL.
+            "refused": {
+                "url": f"rtsp://admin:{WRONG_PASSWORD}@127.0.0.1:{free_port()}/live",
+                **camera_defaults,
+            },
         }
         config = base_config(weights, tmp_path, broker.port, free_port(), cameras=cameras)
         config["model"]["imgsz"] = 320
@@ -122,6 +127,7 @@ def test_broken_cameras_are_reported_and_never_disturb_a_healthy_one(
         reported("garbage", "offline", "no video stream")
         reported("corrupt", "offline", "no video stream")
         reported("missing", "offline", "not found")
+        reported("refused", "offline", "connection refused")
         # The hanging server is detected within the open timeout + 2 s of the decoder starting.
         opening = reported("hang", "starting")
         hung = reported("hang", "offline", "timeout", after=opening["since"])
@@ -142,6 +148,8 @@ def test_broken_cameras_are_reported_and_never_disturb_a_healthy_one(
         )
         assert status_of(down)["reason"]
         assert status_of(down)["since"] - killed_at <= STALL + 2
+        # Its reconnects while the port is closed are refused, and say so.
+        reported("flap", "offline", "connection refused", after=killed_at)
         assert rate >= 0.8 * baseline, (
             f"steady camera: {rate:.2f} fps with broken neighbours, {baseline:.2f} alone"
         )
@@ -157,16 +165,33 @@ def test_broken_cameras_are_reported_and_never_disturb_a_healthy_one(
         assert cameras_api["steady"]["state"] == "online"
         assert cameras_api["flap"]["reconnects"] >= 1
 
-        # The password never leaks: not in logs, metrics or any MQTT payload.
-        metrics_text = urllib.request.urlopen(
-            f"http://127.0.0.1:{daemon.http_port}/metrics", timeout=5
-        ).read()
+        # The password never leaks: not in logs, metrics, the camera API or any MQTT
+        # topic or payload, including what the daemon publishes while it shuts down.
+        secret = WRONG_PASSWORD.encode()
+        for path in ("/metrics", "/api/cameras"):
+            body = urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}{path}", timeout=5).read()
+            assert secret not in body, path
+        assert "refused" in json.loads(body)  # the camera with the password in its URL is served
         statuses.drain()
-        assert WRONG_PASSWORD.encode() not in metrics_text
-        assert all(WRONG_PASSWORD.encode() not in m.payload for m in statuses.seen)
+        before_shutdown = len(statuses.seen)
         started = time.monotonic()
         assert daemon.terminate(timeout=10) == 0
         assert time.monotonic() - started < 10
+        statuses.wait_for(
+            lambda m: (
+                m.topic == "test/available"
+                and m.payload == b"offline"
+                # paho's messages compare by mid: find this very one among the new ones.
+                and any(seen is m for seen in statuses.seen[before_shutdown:])
+            ),
+            10,
+            "the daemon's offline on shutdown",
+        )
+        statuses.drain()
+        assert len(statuses.seen) > before_shutdown
+        for message in statuses.seen:
+            assert WRONG_PASSWORD not in message.topic
+            assert secret not in message.payload, message.topic
         assert WRONG_PASSWORD not in daemon.log()
         assert "Traceback" not in daemon.log()
     finally:
