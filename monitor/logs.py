@@ -67,6 +67,10 @@ class _JsonFormatter(logging.Formatter):
         return redact(json.dumps(entry, ensure_ascii=False))
 
 
+#: Name of the handler ``configure_logging`` installs (it replaces any earlier one).
+HANDLER_NAME = "monitor-stderr"
+
+
 def configure_logging(settings: LogSettings, journald: bool = False) -> None:
     """Send the package's logs to stderr.
 
@@ -76,6 +80,7 @@ def configure_logging(settings: LogSettings, journald: bool = False) -> None:
             each line itself, so the text format leaves the time out.
     """
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(HANDLER_NAME)
     if settings.format == "json":
         handler.setFormatter(_JsonFormatter())
     else:

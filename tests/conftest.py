@@ -7,6 +7,7 @@ printed, an MQTT message, a metric value), never a fixed sleep.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import queue
 import shutil
@@ -53,6 +54,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _forget_command_logging() -> Iterator[None]:
+    """Commands run in-process (``main([...])``) install a stderr handler bound to that test's
+    captured stream; remove it afterwards, so a later test's log lines never go to a closed one."""
+    yield
+    from monitor.logs import HANDLER_NAME
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+        root.removeHandler(handler)
+    logging.getLogger("monitor").setLevel(logging.NOTSET)
 
 
 @pytest.fixture(scope="session")
