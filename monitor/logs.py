@@ -39,7 +39,24 @@ def redact(text: str) -> str:
     return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority of a logging level: 3 err, 4 warning, 6 info, 7 debug."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    return 6 if levelno >= logging.INFO else 7
+
+
 class _RedactingFormatter(logging.Formatter):
+    """key=value text; under journald every line starts with its ``<priority>`` (sd-daemon(3)).
+
+    journald stores each line of a record (a traceback, say) as its own entry, so each
+    gets the record's priority: ``journalctl -p err`` then shows whole tracebacks.
+    """
+
     def __init__(self, fmt: str, journald: bool) -> None:
         super().__init__(fmt)
         self._journald = journald
@@ -47,7 +64,11 @@ class _RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         camera = getattr(record, "camera", None)
         record.camera_kv = f" camera={camera}" if camera else ""
-        return redact(super().format(record))
+        text = redact(super().format(record))
+        if not self._journald:
+            return text
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in text.split("\n"))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -77,7 +98,8 @@ def configure_logging(settings: LogSettings, journald: bool = False) -> None:
     Args:
         settings: Level and format.
         journald: True under systemd (``$JOURNAL_STREAM`` set): journald stamps
-            each line itself, so the text format leaves the time out.
+            each line itself, so the text format leaves the time out and starts
+            each line with its syslog priority instead (``journalctl -p warning``).
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(HANDLER_NAME)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -56,3 +57,30 @@ def test_log_lines_are_redacted_in_both_formats(fmt, capsys):
     assert "hunter2" not in err
     assert "gate" in err
     assert "rtsp://***@cam/1" in err
+
+
+def test_under_journald_lines_carry_their_priority_and_no_timestamp(capsys):
+    configure_logging(LogSettings(), journald=True)
+    log = logging.getLogger("monitor.test")
+    log.info("camera online", extra={"camera": "gate"})
+    log.warning("reconnecting")
+    try:
+        raise OSError("rtsp://admin:hunter2@cam/1 refused")
+    except OSError:
+        log.exception("decoder failed")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "<6>INFO monitor.test camera=gate: camera online"
+    assert lines[1] == "<4>WARNING monitor.test: reconnecting"
+    assert lines[2] == "<3>ERROR monitor.test: decoder failed"
+    # The traceback's lines keep the record's priority, so `journalctl -p err` shows all of it.
+    assert len(lines) > 3
+    assert all(line.startswith("<3>") for line in lines[2:])
+    assert "hunter2" not in "\n".join(lines)
+
+
+def test_on_a_terminal_lines_start_with_the_time():
+    configure_logging(LogSettings())
+    handler = next(h for h in logging.getLogger().handlers if h.get_name() == "monitor-stderr")
+    record = logging.LogRecord("monitor.x", logging.WARNING, __file__, 1, "slow", None, None)
+    line = handler.format(record)
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING monitor.x: slow$", line), line
