@@ -202,3 +202,48 @@ def test_frozen_rtsp_server_makes_the_camera_stalled_then_online_again():
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
         server.stop()
+
+
+def restart_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The delays the watchdog announced ("...; reconnecting in 1.2 s"), in order."""
+    return [
+        float(r.getMessage().rsplit("reconnecting in ", 1)[1].split()[0])
+        for r in caplog.records
+        if "reconnecting in" in r.getMessage()
+    ]
+
+
+def test_reconnects_back_off_doubling_up_to_the_cap_with_jitter(monkeypatch, caplog):
+    # Jitter at its top (+20 %): 1 s -> 1.2, 2 s -> 2.4, then the cap (2 s) -> 2.4 again.
+    monkeypatch.setattr("monitor.sources.random.uniform", lambda low, high: high)
+    caplog.set_level("WARNING", logger="monitor.sources")
+    statuses: list[CameraStatus] = []
+    settings = CameraSettings(url=f"rtsp://127.0.0.1:{free_port()}/cam", backoff_max=2)
+    with Source("refused", settings, fps=5, metrics=Metrics(), on_status=statuses.append) as source:
+        pump(source, lambda: source.reconnects >= 3 and source.state is CameraState.OFFLINE, 30, "3 retries")
+    assert restart_delays(caplog)[:4] == [1.2, 2.4, 2.4, 2.4]
+    # The waits really happened: each retry (STARTING) came at least that long after its failure.
+    offline = [s.since for s in statuses if s.state is CameraState.OFFLINE]
+    retries = [s.since for s in statuses if s.state is CameraState.STARTING][1:]
+    gaps = [retry - failed for failed, retry in zip(offline, retries, strict=False)]
+    assert len(gaps) >= 3
+    assert all(gap >= delay - 0.05 for gap, delay in zip(gaps, [1.2, 2.4, 2.4], strict=False)), gaps
+
+
+def test_backoff_is_back_to_the_first_delay_after_a_healthy_period(monkeypatch, caplog):
+    monkeypatch.setattr("monitor.sources.random.uniform", lambda low, high: low)  # -20 %
+    monkeypatch.setattr("monitor.sources.HEALTHY_AFTER", 1.0)
+    caplog.set_level("WARNING", logger="monitor.sources")
+    with Source("file", CameraSettings(url=str(CLIP)), fps=5, metrics=Metrics()) as source:
+
+        def kill_when_online_then_wait_for_frames(online_for: float) -> None:
+            pump(source, source.take, 20, "frames")
+            online_at = time.monotonic()
+            pump(source, lambda: time.monotonic() - online_at >= online_for, online_for + 5, "time online")
+            source._proc.kill()
+            pump(source, lambda: source.state is CameraState.OFFLINE, 5, "the death to be noticed")
+
+        kill_when_online_then_wait_for_frames(0)  # first failure: 1 s
+        kill_when_online_then_wait_for_frames(0)  # again at once: doubled
+        kill_when_online_then_wait_for_frames(1.5)  # after more than HEALTHY_AFTER online: reset
+    assert restart_delays(caplog) == [0.8, 1.6, 0.8]
