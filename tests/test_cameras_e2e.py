@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -197,3 +198,75 @@ def test_broken_cameras_are_reported_and_never_disturb_a_healthy_one(
     finally:
         flapping.stop()
         secure.stop()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (the forkserver and its decoder children)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped, is not running)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_no_reachable_camera_neither_delays_readiness_nor_shutdown(
+    weights, tmp_path, broker, subscriber_factory, daemon_factory, hanging_server
+):
+    slow_open = 60.0  # far longer than start-up: readiness must not wait for it
+    statuses = subscriber_factory(broker.port, "test/#")
+    cameras = {
+        "hang": {"url": f"rtsp://127.0.0.1:{hanging_server}/live", "open_timeout": slow_open},
+        "missing": {"url": str(tmp_path / "nowhere.mp4"), "backoff_max": 1.0},
+    }
+    config = base_config(weights, tmp_path, broker.port, free_port(), cameras=cameras)
+    config["model"]["imgsz"] = 320
+    started = time.monotonic()
+    daemon = daemon_factory(config, ready_timeout=slow_open - 15)
+    assert time.monotonic() - started < slow_open - 15
+
+    # Ready and serving metrics, with both cameras reported down and why.
+    # (The decoders start right after readiness: wait until both cameras are registered.)
+    up = ['monitor_camera_up{camera="hang"}', 'monitor_camera_up{camera="missing"}']
+
+    def registered() -> dict[str, float] | None:
+        samples = daemon.metrics()
+        return samples if all(k in samples for k in up) else None
+
+    samples = wait_until(registered, 10, "both cameras' metrics")
+    assert [samples[k] for k in up] == [0, 0]
+    statuses.wait_for(
+        lambda m: m.topic == "test/missing/status" and json.loads(m.payload)["reason"] == "not found",
+        30,
+        "missing offline",
+    )
+    cameras_api = json.loads(
+        urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/api/cameras", timeout=5).read()
+    )
+    assert cameras_api["hang"]["state"] == "starting"  # still inside its open timeout
+
+    # SIGTERM while a decoder is stuck opening: the daemon exits at once and leaves nothing behind.
+    children = descendants(daemon.proc.pid)
+    assert children, "the decoders run in child processes"
+    shutdown = time.monotonic()
+    assert daemon.terminate(timeout=10) == 0
+    assert time.monotonic() - shutdown < 10
+    wait_until(lambda: not any(alive(pid) for pid in children), 5, "the decoder processes to be gone")
+    assert "Traceback" not in daemon.log()
