@@ -78,6 +78,17 @@ def test_two_rtsp_cameras_alert_person_over_mqtt_and_stop_cleanly(
     assert event.end_time is None
     assert event.snapshot == f"test/{event.camera}/person/snapshot"
 
+    assert event.category == "person"
+    # The same event on the camera's per-category topic, for subscribers who want only people.
+    copy = events.wait_for(
+        lambda m: (
+            m.topic == f"test/{event.camera}/person"
+            and (json.loads(m.payload)["event_id"], json.loads(m.payload)["type"]) == (event.event_id, "new")
+        ),
+        10,
+        "the per-category copy",
+    )
+    assert Event.model_validate_json(copy.payload) == event
     events.wait_for(lambda m: m.topic == event.snapshot, 10, "the snapshot")
     late = subscriber_factory(broker.port, event.snapshot)  # subscribes after: gets the retained copy
     snap = late.wait_for(lambda m: m.retain, 10, "the retained snapshot")
