@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import supervision as sv
 
-from monitor.alerts import AlertRules
-from monitor.settings import FilterSettings, ObjectsSettings
+from monitor.alerts import Alert, AlertRules
+from monitor.camera import CameraPipeline
+from monitor.settings import FilterSettings, ObjectsSettings, Settings
 from monitor.sources import Frame
 
 IMAGE = np.zeros((120, 160, 3), np.uint8)
@@ -195,3 +196,91 @@ def test_stationary_object_sends_no_updates_and_is_not_re_announced():
     (end,) = rules.expire(13.2 + 31.0)
     assert end.event.event_id == events[0].event.event_id
     assert end.event.stationary
+
+
+# -- a camera's rules, built from real Settings by CameraPipeline --------------------------------
+
+
+def detected(*objects: tuple[str, float, list[float]]) -> sv.Detections:
+    """Untracked detector output: (label, score, xyxy box in frame pixels)."""
+    if not objects:
+        return sv.Detections.empty()
+    return sv.Detections(
+        xyxy=np.array([box for _, _, box in objects], dtype=np.float32),
+        confidence=np.array([s for _, s, _ in objects], dtype=np.float32),
+        class_id=np.zeros(len(objects), dtype=int),
+        data={"class_name": np.array([label for label, _, _ in objects], dtype=object)},
+    )
+
+
+def camera_settings(objects: dict, cameras: dict | None = None) -> Settings:
+    return Settings(
+        model={"path": "m.pt"},
+        detect={"fps": 5},
+        objects=objects,
+        cameras=cameras or {"gate": {"url": "gate.mp4"}},
+    )
+
+
+def play(pipeline: CameraPipeline, *objects: tuple[str, float, list[float]], steps: int = 10) -> list[Alert]:
+    """The same detections in ``steps`` frames 0.2 s apart, then the camera empty until every track ends."""
+    camera = pipeline.rules.camera
+    alerts = []
+    for step in range(steps):
+        alerts += pipeline.process(detected(*objects), Frame(camera, step, step * 0.2, IMAGE))
+    alerts += pipeline.process(detected(), Frame(camera, steps, steps * 0.2, IMAGE))
+    return alerts + pipeline.rules.expire(float("inf"))
+
+
+def pipeline_for(settings: Settings, camera: str = "gate") -> CameraPipeline:
+    return CameraPipeline(camera, settings, "m.pt@abc", "p", None)
+
+
+FRAME_AREA = IMAGE.shape[0] * IMAGE.shape[1]  # 160 x 120 = 19200 px
+SMALL = [10.0, 10.0, 20.0, 20.0]  # 100 px, 0.5 % of the frame
+MEDIUM = [40.0, 20.0, 80.0, 100.0]  # 3200 px, 16.7 %
+LARGE = [5.0, 5.0, 155.0, 115.0]  # 16500 px, 86 %
+
+
+@pytest.mark.parametrize(
+    ("limits", "box", "alerts"),
+    [
+        # pixels (values above 1)
+        ({"min_area": 500, "max_area": 10_000}, SMALL, False),
+        ({"min_area": 500, "max_area": 10_000}, MEDIUM, True),
+        ({"min_area": 500, "max_area": 10_000}, LARGE, False),
+        # fractions of the frame (values up to 1): 2 % = 384 px, 50 % = 9600 px
+        ({"min_area": 0.02, "max_area": 0.5}, SMALL, False),
+        ({"min_area": 0.02, "max_area": 0.5}, MEDIUM, True),
+        ({"min_area": 0.02, "max_area": 0.5}, LARGE, False),
+        # exactly 1 is a fraction, the whole frame, not one pixel
+        ({"min_area": 1}, MEDIUM, False),
+        ({"max_area": 1}, LARGE, True),
+        # 2 is pixels
+        ({"min_area": 2}, SMALL, True),
+        ({"max_area": 2}, SMALL, False),
+    ],
+    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
+)
+def test_box_outside_min_or_max_area_never_alerts(limits, box, alerts):
+    pipeline = pipeline_for(
+        camera_settings({"track": ["person"], "filters": {"person": {"threshold": 0.6, **limits}}})
+    )
+    events = play(pipeline, ("person", 0.9, box))
+    kinds = [a.event.type for a in events]
+    if alerts:
+        assert kinds == ["new", "end"]
+        assert events[0].event.box == box
+    else:
+        assert kinds == []
+        assert pipeline.track_ids == set()  # filtered before tracking: never even a track
+
+
+def test_area_limits_apply_per_label():
+    pipeline = pipeline_for(
+        camera_settings(
+            {"track": ["person", "deer"], "filters": {"person": {"threshold": 0.6, "min_area": 1000}}}
+        )
+    )
+    events = play(pipeline, ("person", 0.9, SMALL), ("deer", 0.9, [100.0, 10.0, 110.0, 20.0]))
+    assert [(a.event.type, a.event.label) for a in events] == [("new", "deer"), ("end", "deer")]
