@@ -284,3 +284,42 @@ def test_area_limits_apply_per_label():
     )
     events = play(pipeline, ("person", 0.9, SMALL), ("deer", 0.9, [100.0, 10.0, 110.0, 20.0]))
     assert [(a.event.type, a.event.label) for a in events] == [("new", "deer"), ("end", "deer")]
+
+
+PERSON_BOX = [10.0, 10.0, 50.0, 90.0]
+DEER_BOX = [100.0, 40.0, 150.0, 80.0]
+
+
+def test_camera_objects_override_track_and_filters_for_that_camera_only():
+    settings = camera_settings(
+        {"track": ["person", "deer"], "filters": {"deer": {"threshold": 0.95}}},
+        cameras={
+            "gate": {
+                "url": "gate.mp4",
+                "objects": {"track": ["deer"], "filters": {"deer": {"threshold": 0.8}}},
+            },
+            "yard": {"url": "yard.mp4"},
+        },
+    )
+    scene = (("person", 0.9, PERSON_BOX), ("deer", 0.9, DEER_BOX))
+    gate = play(pipeline_for(settings, "gate"), *scene)
+    yard = play(pipeline_for(settings, "yard"), *scene)
+    # gate: only deer are tracked there, and its own deer threshold (0.8) lets 0.9 through
+    assert [(a.event.type, a.event.label) for a in gate] == [("new", "deer"), ("end", "deer")]
+    # yard keeps the globals: person tracked, deer held back by the global threshold 0.95
+    assert [(a.event.type, a.event.label) for a in yard] == [("new", "person"), ("end", "person")]
+
+
+def test_camera_filter_override_leaves_the_other_labels_global_filters():
+    settings = camera_settings(
+        {"track": ["person", "deer"], "filters": {"person": {"threshold": 0.95}}},
+        cameras={
+            "gate": {"url": "gate.mp4", "objects": {"filters": {"deer": {"min_area": 5000}}}},
+            "yard": {"url": "yard.mp4"},
+        },
+    )
+    scene = (("person", 0.9, PERSON_BOX), ("deer", 0.9, DEER_BOX))  # deer box: 2000 px
+    # gate: its deer filter (min_area) replaces the deer defaults; person keeps the global 0.95
+    assert play(pipeline_for(settings, "gate"), *scene) == []
+    yard = play(pipeline_for(settings, "yard"), *scene)
+    assert [(a.event.type, a.event.label) for a in yard] == [("new", "deer"), ("end", "deer")]
