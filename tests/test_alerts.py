@@ -323,3 +323,11 @@ def test_camera_filter_override_leaves_the_other_labels_global_filters():
     assert play(pipeline_for(settings, "gate"), *scene) == []
     yard = play(pipeline_for(settings, "yard"), *scene)
     assert [(a.event.type, a.event.label) for a in yard] == [("new", "deer"), ("end", "deer")]
+
+
+def test_label_outside_the_track_list_never_produces_events():
+    pipeline = pipeline_for(camera_settings({"track": ["person"]}))
+    scene = (("person", 0.9, PERSON_BOX), ("cat", 0.99, DEER_BOX), ("car", 0.99, [60.0, 60.0, 90.0, 110.0]))
+    events = play(pipeline, *scene)
+    assert {a.event.label for a in events} == {"person"}
+    assert len(pipeline.track_ids) == 1  # the cat and the car were not even tracked
