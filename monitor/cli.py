@@ -164,6 +164,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _offline_ultralytics()
     import json
 
+    from pydantic import ValidationError
     from tqdm import tqdm
 
     from monitor.detector import Detector
@@ -171,12 +172,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from monitor.settings import ModelSettings
     from monitor.snapshots import Annotator, encode_jpeg, labels_of
 
-    if args.config is not None:
-        model = _load(args.config).model
-    else:
-        model = ModelSettings(path=args.model, labels=dict(args.label or []))
+    base = _load(args.config).model.model_dump() if args.config is not None else {"path": args.model}
+    if args.label:
+        base["labels"] = {**base.get("labels", {}), **dict(args.label)}
     updates = {k: v for k, v in (("imgsz", args.imgsz), ("device", args.device)) if v is not None}
-    model = model.model_copy(update=updates)
+    try:
+        # Validated like the config file (model_copy would not): --imgsz 100 is refused, not run.
+        model = ModelSettings.model_validate({**base, **updates})
+    except ValidationError as exc:
+        for error in exc.errors():
+            print(f"error: {_flag_of(error['loc'])}: {error['msg']}", file=sys.stderr)
+        return EXIT_CONFIG
     total = count_inputs(args.paths, vid_stride=args.vid_stride)  # bad paths fail before the model loads
     detector = Detector(model)
     annotator = Annotator()
@@ -239,6 +245,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print(report.to_json() if args.json else report.text())
     return 0
+
+
+def _flag_of(loc: tuple[int | str, ...]) -> str:
+    """The command-line flag (``--imgsz``) or else the model.* key that a ModelSettings error is about."""
+    key = ".".join(map(str, loc))
+    flags = {"imgsz": "--imgsz", "device": "--device", "labels": "--label", "path": "--model"}
+    return flags.get(key, f"model.{key}")
 
 
 def _label_map(text: str) -> tuple[str, str]:

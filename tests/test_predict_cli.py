@@ -171,3 +171,29 @@ def test_zero_video_stride_is_refused(weights):
     assert ran.code == EXIT_CONFIG
     assert ran.out == ""
     assert "--vid-stride: must be at least 1, got 0" in ran.err
+
+
+@pytest.mark.parametrize(
+    ("imgsz", "reason"),
+    [
+        pytest.param(412, "must be a multiple of 32 (the model's stride), got 412", id="not-a-multiple"),
+        pytest.param(100, "must be a multiple of 32 (the model's stride), got 100", id="small-odd"),
+        pytest.param(0, "greater than or equal to 32", id="zero"),
+        pytest.param(-64, "greater than or equal to 32", id="negative"),
+    ],
+)
+def test_imgsz_that_the_model_cannot_take_is_refused_like_in_the_config(weights, imgsz, reason):
+    ran = run_predict([PEOPLE_JPG, "--model", weights, "--device", "cpu", "--imgsz", imgsz])
+    assert ran.code == EXIT_CONFIG
+    assert ran.out == "", "nothing is predicted"
+    assert ran.err.startswith("error: --imgsz: "), ran.err
+    assert reason in ran.err
+
+
+def test_imgsz_flag_is_checked_over_a_valid_config_too(weights, tmp_path):
+    config = tmp_path / "monitor.yaml"
+    config.write_text(f"model:\n  path: {weights}\n  imgsz: {IMGSZ}\n  device: cpu\n")
+    ran = run_predict([PEOPLE_JPG, "--config", config, "--imgsz", 100])
+    assert ran.code == EXIT_CONFIG
+    assert ran.out == ""
+    assert "error: --imgsz: Value error, must be a multiple of 32 (the model's stride), got 100" in ran.err
