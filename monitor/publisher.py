@@ -57,7 +57,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from monitor.alerts import Alert
 from monitor.errors import PublishError
 from monitor.metrics import Metrics
-from monitor.settings import MqttSettings
+from monitor.settings import MqttSettings, TlsSettings
 from monitor.sources import CameraStatus
 from monitor.spool import Message, Outgoing, Spool
 
@@ -120,6 +120,7 @@ class Publisher:
         self._connected = threading.Event()
         self._idle = threading.Condition(self._lock)
         self.last_error: str | None = None
+        self._socket_error: OSError | None = None  # set on paho's thread, read in _on_disconnect
         self._client = self._make_client(settings)
         self._acker = threading.Thread(target=self._ack_loop, name="monitor-mqtt-acks", daemon=True)
 
@@ -147,7 +148,7 @@ class Publisher:
                     keyfile=str(tls.key_file) if tls.key_file else None,
                 )
             except (ssl.SSLError, OSError, ValueError) as exc:
-                raise PublishError(f"mqtt.tls: cannot load the CA, certificate or key: {exc}") from exc
+                raise PublishError(_describe_tls_files(settings.tls, exc)) from exc
             if tls.insecure:
                 client.tls_insecure_set(True)
                 logger.warning(
@@ -160,6 +161,7 @@ class Publisher:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_log = self._on_log
         return client
 
     def topic(self, *parts: str) -> str:
@@ -365,9 +367,20 @@ class Publisher:
         # TLS handshake, and passes no error: the one being handled is it.
         self._failed(_describe_connect_error(sys.exc_info()[1]))
 
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        # A TLS alert the broker sends after the handshake (TLS 1.3 checks the client
+        # certificate only then: "certificate required", "unknown ca") fails a socket
+        # read or write, which paho logs inside its `except OSError:` and then reports
+        # only as a lost connection. Keep the error for _on_disconnect to describe.
+        if level == mqtt.MQTT_LOG_ERR and not self._connected.is_set():
+            error = sys.exc_info()[1]
+            if isinstance(error, OSError):
+                self._socket_error = error
+
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
+        socket_error, self._socket_error = self._socket_error, None
         was = self._connected.is_set()
         self._connected.clear()
         self._spool.broker_connected(False)
@@ -375,8 +388,11 @@ class Publisher:
         if was and reason.is_failure:
             self.last_error = f"disconnected: {reason}"
             logger.warning("lost the MQTT broker (%s); messages wait in the spool", reason)
-        elif not was and self.last_error is None and reason.is_failure:
-            self._failed(f"connection closed before the broker accepted it ({reason})")
+        elif not was and reason.is_failure:
+            if socket_error is not None:
+                self._failed(_describe_connect_error(socket_error))
+            elif self.last_error is None:
+                self._failed(f"connection closed before the broker accepted it ({reason})")
 
     def _failed(self, error: str) -> None:
         """Record why there is no connection; log each new reason once (paho retries on its own)."""
@@ -467,6 +483,36 @@ class Publisher:
         self._metrics.spool_pending.set(self._spool.count())
 
 
+def _describe_tls_files(tls: TlsSettings, exc: Exception) -> str:
+    """Which of the TLS files ``tls_set`` could not load, and why (OpenSSL's "PEM lib" names none)."""
+    reason = _ssl_text(exc)
+    try:
+        ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (ssl.SSLError, OSError) as ca_exc:
+        problem = _ssl_text(ca_exc)
+        return f"mqtt.tls.ca_file: cannot load {str(tls.ca_file)!r} as PEM CA certificate(s): {problem}"
+    if tls.cert_file is None or tls.key_file is None:
+        return f"mqtt.tls: cannot load the CA file: {reason}"
+    try:  # parses the file's certificates, without wanting a key next to them
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(tls.cert_file))
+    except (ssl.SSLError, OSError) as cert_exc:
+        problem = _ssl_text(cert_exc)
+        return f"mqtt.tls.cert_file: cannot load {str(tls.cert_file)!r} as a PEM certificate: {problem}"
+    if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
+        return (
+            f"mqtt.tls.key_file: {str(tls.key_file)!r} is not the private key of "
+            f"mqtt.tls.cert_file {str(tls.cert_file)!r}"
+        )
+    return (
+        f"mqtt.tls.key_file: cannot load {str(tls.key_file)!r} as the PEM private key (unencrypted) "
+        f"of mqtt.tls.cert_file: {reason}"
+    )
+
+
+def _ssl_text(exc: Exception) -> str:
+    return _SSL_LOCATION.sub("", str(exc))
+
+
 def _describe_refusal(reason: ReasonCode) -> str:
     text = str(reason)
     if reason.value in _UNAUTHORIZED:
@@ -482,6 +528,8 @@ def _describe_connect_error(exc: BaseException | None) -> str:
         text = _SSL_LOCATION.sub("", str(exc.args[1] if len(exc.args) > 1 else exc))
         if exc.reason == "WRONG_VERSION_NUMBER":
             text += " (is mqtt.port a TLS listener?)"
+        elif exc.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+            text += " (the broker wants a client certificate: set mqtt.tls.cert_file and key_file)"
         return f"TLS error: {text}"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"

@@ -524,12 +524,15 @@ def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
     return key, cert
 
 
-def make_server_cert(directory: Path, name: str, ca: tuple[Path, Path], san: str) -> tuple[Path, Path]:
+def make_server_cert(
+    directory: Path, name: str, ca: tuple[Path, Path], san: str, usage: str = "serverAuth"
+) -> tuple[Path, Path]:
+    """A key and a certificate signed by ``ca``; ``usage`` ``clientAuth`` makes a client certificate."""
     key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.crt"
     ext = directory / f"{name}.ext"
     ext.write_text(
         f"subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
-        "extendedKeyUsage=serverAuth\nauthorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
+        f"extendedKeyUsage={usage}\nauthorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
     )
     openssl(
         "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
@@ -549,31 +552,50 @@ class TlsBroker:
     wrong_name_port: int  # same CA, certificate for DNS:broker.invalid only
     ca_file: Path
     other_ca_file: Path  # an unrelated CA
+    client_cert_port: int  # same server certificate; requires a client certificate from the CA
+    client_cert: Path  # CN=USER, signed by the CA: the broker takes the CN as the user name
+    client_key: Path
+    other_key: Path  # a valid key that belongs to another certificate
 
 
 @pytest.fixture
 def tls_broker(tmp_path: Path) -> Iterator[TlsBroker]:
-    """Mosquitto with two TLS listeners, a password file and an ACL (user may use t/#)."""
+    """Mosquitto with three TLS listeners, a password file and an ACL (user may use t/#)."""
     certs = tmp_path / "certs"
     certs.mkdir()
     ca = make_ca(certs, "test-ca")
     _, other_ca = make_ca(certs, "other-ca")
     server_key, server_cert = make_server_cert(certs, "server", ca, "IP:127.0.0.1,DNS:localhost")
     wrong_key, wrong_cert = make_server_cert(certs, "wrong", ca, "DNS:broker.invalid")
+    client_key, client_cert = make_server_cert(certs, USER, ca, f"DNS:{USER}", usage="clientAuth")
     passwd = certs / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), USER, PASSWORD], check=True)
     acl = certs / "acl"
     acl.write_text(f"user {USER}\ntopic readwrite t/#\n")
-    wrong_name_port = free_port()
+    wrong_name_port, client_cert_port = free_port(), free_port()
     broker = start_broker(
         tmp_path,
         "tls",
         f"per_listener_settings false\nallow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
         "persistence false\n"
         f"listener {{port}} 127.0.0.1\ncafile {ca[1]}\ncertfile {server_cert}\nkeyfile {server_key}\n"
-        f"listener {wrong_name_port} 127.0.0.1\ncafile {ca[1]}\ncertfile {wrong_cert}\nkeyfile {wrong_key}\n",
+        f"listener {wrong_name_port} 127.0.0.1\ncafile {ca[1]}\ncertfile {wrong_cert}\nkeyfile {wrong_key}\n"
+        f"listener {client_cert_port} 127.0.0.1\ncafile {ca[1]}\n"
+        f"certfile {server_cert}\nkeyfile {server_key}\n"
+        # The certificate's CN is the user name, with no password: the ACL above applies to it.
+        "require_certificate true\nuse_identity_as_username true\n",
     )
-    yield TlsBroker(broker, broker.port, wrong_name_port, ca[1], other_ca)
+    yield TlsBroker(
+        broker,
+        broker.port,
+        wrong_name_port,
+        ca[1],
+        other_ca,
+        client_cert_port,
+        client_cert,
+        client_key,
+        wrong_key,
+    )
     broker.stop()
 
 
@@ -681,6 +703,56 @@ def test_tls_errors_are_reported_not_raised(tmp_path, tls_broker, caplog):
             wait_until(lambda: spool.count() == 0, 10, "the spooled event to be delivered")
 
 
+def client_cert_settings(tls_broker: TlsBroker, **tls: object) -> MqttSettings:
+    """For the listener that requires a client certificate: no password, the certificate says who."""
+    return MqttSettings(
+        port=tls_broker.client_cert_port,
+        topic_prefix="t",
+        tls=TlsSettings(enabled=True, ca_file=tls_broker.ca_file, **tls),
+    )
+
+
+def test_a_client_certificate_gets_in_where_the_broker_requires_one(
+    tmp_path, tls_broker, durable_subscribers, caplog
+):
+    caplog.set_level(logging.DEBUG, logger="monitor.publisher")
+    sub = DurableSubscriber(
+        tls_broker.port, "t/events", "durable-mtls", ca_file=tls_broker.ca_file, auth=(USER, PASSWORD)
+    )
+    durable_subscribers.append(sub)
+    with Spool(tmp_path / "spool.db") as spool:
+        # TLS 1.3: the handshake completes and the broker's "certificate required"
+        # alert arrives on the first read, which paho reports only as a lost connection.
+        without = client_cert_settings(tls_broker)
+        with Publisher(without, spool, Metrics()) as publisher:
+            publisher.publish([alert("mtls-0")])
+            error = wait_until(lambda: publisher.last_error, 10, "the TLS error")
+            assert error == (
+                "TLS error: [SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required "
+                "(the broker wants a client certificate: set mqtt.tls.cert_file and key_file)"
+            )
+
+            def reports() -> list[int]:
+                return [r.levelno for r in caplog.records if "certificate required" in r.getMessage()]
+
+            wait_until(lambda: len(reports()) >= 2, 10, "a second attempt (retrying with backoff)")
+            assert reports()[:2] == [logging.ERROR, logging.DEBUG]
+            assert publisher.last_error == error
+            assert not publisher.connected
+        assert ids(spool) == ["mtls-0"], "an event left the spool without a connection"
+
+        with_cert = client_cert_settings(
+            tls_broker, cert_file=tls_broker.client_cert, key_file=tls_broker.client_key
+        )
+        with Publisher(with_cert, spool, Metrics()) as publisher:
+            sub.wait_for_all({"mtls-0"}, 10)
+            publisher.publish([alert("mtls-1")])
+            sub.wait_for_all({"mtls-1"}, 10)
+            wait_until(lambda: spool.count() == 0, 10, "the PUBACKs to empty the spool")
+            assert publisher.connected
+            assert publisher.last_error is None
+
+
 def test_mqtt5_wrong_password_is_unauthorized(tmp_path, tls_broker):
     settings = tls_settings(tls_broker.port, tls_broker.ca_file, password=WRONG_PASSWORD)
     settings = settings.model_copy(update={"protocol": "5"})
@@ -740,7 +812,37 @@ def test_a_ca_file_that_is_no_certificate_fails_at_start(tmp_path):
     bogus = tmp_path / "ca.crt"
     bogus.write_text("not a certificate\n")
     settings = MqttSettings(tls=TlsSettings(enabled=True, ca_file=bogus))
-    with Spool(tmp_path / "spool.db") as spool, pytest.raises(PublishError, match=r"mqtt\.tls: cannot load"):
+    with (
+        Spool(tmp_path / "spool.db") as spool,
+        pytest.raises(PublishError, match=r"^mqtt\.tls\.ca_file: cannot load '.*ca\.crt' as PEM CA cert"),
+    ):
+        Publisher(settings, spool, Metrics())
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "expected"),
+    [
+        ("client_cert", "other_key", r"mqtt\.tls\.key_file: '.*/wrong\.key' is not the private key of "
+         r"mqtt\.tls\.cert_file '.*/monitor\.crt'$"),
+        ("client_cert", "garbage", r"mqtt\.tls\.key_file: cannot load '.*/garbage\.pem' as the PEM private "
+         r"key \(unencrypted\) of mqtt\.tls\.cert_file: \[SSL\] PEM lib$"),
+        ("client_cert", "client_cert", r"mqtt\.tls\.key_file: cannot load '.*/monitor\.crt' as the PEM "
+         r"private key"),
+        ("garbage", "client_key", r"mqtt\.tls\.cert_file: cannot load '.*/garbage\.pem' as a PEM "
+         r"certificate: \[X509: NO_CERTIFICATE_OR_CRL_FOUND\] no certificate or crl found$"),
+    ],
+)  # fmt: skip
+def test_a_client_key_or_certificate_that_cannot_be_used_fails_at_start_naming_it(
+    tmp_path, tls_broker, cert, key, expected
+):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not PEM at all\n")
+    files = {
+        "garbage": garbage,
+        **{name: getattr(tls_broker, name) for name in (cert, key) if name != "garbage"},
+    }
+    settings = client_cert_settings(tls_broker, cert_file=files[cert], key_file=files[key])
+    with Spool(tmp_path / "spool.db") as spool, pytest.raises(PublishError, match=expected):
         Publisher(settings, spool, Metrics())
 
 
