@@ -3,7 +3,9 @@
 The schemas come with the ``kubernetes-validate`` package (strict: unknown
 fields are errors), so nothing is fetched; a fixture makes any connection
 attempt fail to prove it. The ServiceMonitor is a Prometheus Operator CRD
-whose schema is not there: its structure is checked here.
+whose schema is not there: tests/data/servicemonitor.schema.json holds the
+schema from the CRD's definition (where from: its ``$comment``), checked with
+jsonschema as strictly (unknown fields are errors).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -28,6 +31,7 @@ DEPLOY = ROOT / "deploy" / "kubernetes"
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 NOT_IN_KUSTOMIZATION = {"kustomization.yaml", "secret.example.yaml", "mosquitto.example.yaml"}
 POD_NAME = "monitor-0"
+SERVICEMONITOR_SCHEMA = ROOT / "tests" / "data" / "servicemonitor.schema.json"
 
 
 def load(name: str) -> list[dict[str, Any]]:
@@ -114,6 +118,58 @@ def test_kustomization_lists_every_manifest_but_the_examples():
     # The real Secret is created by hand (applying the example would overwrite it);
     # the broker is the user's.
     assert sorted(kustomization["resources"]) == sorted(set(manifests()) - NOT_IN_KUSTOMIZATION)
+
+
+def strict(schema: Any) -> Any:
+    """``schema`` with unknown fields forbidden wherever it lists an object's fields.
+
+    A CRD schema leaves them out (the API server silently prunes unknown fields,
+    so a typo'd field is lost, not reported); strict is what kubernetes-validate
+    does for the built-in kinds above.
+    """
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    tightened = {key: strict(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema:
+        tightened["additionalProperties"] = False
+    return tightened
+
+
+def servicemonitor_errors(doc: dict[str, Any]) -> list[str]:
+    schema = strict(json.loads(SERVICEMONITOR_SCHEMA.read_text()))
+    validator = jsonschema.Draft7Validator(schema)
+    return [
+        f"{'.'.join(str(part) for part in error.absolute_path) or '(top)'}: {error.message}"
+        for error in validator.iter_errors(doc)
+    ]
+
+
+def test_servicemonitor_is_valid_against_the_prometheus_operator_crd_schema():
+    monitor = one("servicemonitor.yaml")
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "ServiceMonitor")
+    assert servicemonitor_errors(monitor) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.update(endpoint=s.pop("endpoints")), "'endpoint' was unexpected"),
+        (lambda s: s.update(endpoint=s.pop("endpoints")), "'endpoints' is a required property"),
+        (lambda s: s["endpoints"][0].update(paht=s["endpoints"][0].pop("path")), "'paht' was unexpected"),
+        (lambda s: s["endpoints"][0].update(interval=15), "spec.endpoints.0.interval: 15 is not of type"),
+        (lambda s: s["endpoints"][0].update(interval="15 s"), "'15 s' does not match"),
+        (lambda s: s["endpoints"][0].update(scheme="HTTP"), "'HTTP' is not one of ['http', 'https']"),
+        (lambda s: s["selector"].update(matchLabel=s["selector"].pop("matchLabels")), "'matchLabel' was"),
+        (lambda s: s.update(endpoints={"port": "http"}), "spec.endpoints: {'port': 'http'} is not of type"),
+    ],
+)
+def test_servicemonitor_schema_catches_mistakes(edit, message):
+    monitor = one("servicemonitor.yaml")
+    edit(monitor["spec"])
+    errors = servicemonitor_errors(monitor)
+    assert any(message in error for error in errors), errors
 
 
 def test_servicemonitor_scrapes_metrics_every_15s():
