@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+
 import numpy as np
 import pytest
 import supervision as sv
 
 from monitor.alerts import Alert, AlertRules
 from monitor.camera import CameraPipeline
+from monitor.daemon import Daemon
+from monitor.publisher import Publisher
 from monitor.settings import FilterSettings, ObjectsSettings, Settings
+from monitor.snapshots import SnapshotStore
 from monitor.sources import Frame
+from monitor.spool import Spool
+from tests.conftest import wait_until
 
 IMAGE = np.zeros((120, 160, 3), np.uint8)
 
@@ -331,3 +339,95 @@ def test_label_outside_the_track_list_never_produces_events():
     events = play(pipeline, *scene)
     assert {a.event.label for a in events} == {"person"}
     assert len(pipeline.track_ids) == 1  # the cat and the car were not even tracked
+
+
+OTHER_PERSON_BOX = [60.0, 60.0, 90.0, 110.0]
+Scene = tuple[tuple[str, float, list[float]], ...]
+
+
+def play_scenes(pipeline: CameraPipeline, *scenes: Scene, steps: int = 10) -> list[Alert]:
+    """Each scene held for ``steps`` frames 0.2 s apart, one after the other, then every track ends."""
+    camera = pipeline.rules.camera
+    alerts = []
+    for index, objects in enumerate(itertools.chain.from_iterable([s] * steps for s in scenes)):
+        alerts += pipeline.process(detected(*objects), Frame(camera, index, index * 0.2, IMAGE))
+    return alerts + pipeline.rules.expire(float("inf"))
+
+
+COOLDOWN_CAMERAS = {"gate": {"url": "gate.mp4"}, "yard": {"url": "yard.mp4"}}
+
+
+def cooldown_settings(port: int = 1883) -> Settings:
+    return Settings(
+        model={"path": "m.pt"},
+        detect={"fps": 5},
+        objects={"track": ["person", "deer"], "cooldown": 30.0, "max_disappeared": 1.0},
+        mqtt={"port": port, "topic_prefix": "t"},
+        cameras=COOLDOWN_CAMERAS,
+    )
+
+
+def gate_and_yard(settings: Settings) -> tuple[list[Alert], list[Alert]]:
+    """gate: a person, then a deer, then another person (all within the cooldown); yard: a person."""
+    gate = play_scenes(
+        pipeline_for(settings, "gate"),
+        (("person", 0.9, PERSON_BOX),),
+        (("deer", 0.9, DEER_BOX),),
+        (("person", 0.9, OTHER_PERSON_BOX),),
+    )
+    yard = play_scenes(pipeline_for(settings, "yard"), (("person", 0.9, PERSON_BOX),))
+    return gate, yard
+
+
+def test_cooldown_is_per_camera_and_label():
+    gate, yard = gate_and_yard(cooldown_settings())
+    news = [(a.event.label, a.event.box, a.suppressed) for a in gate if a.event.type == "new"]
+    assert news == [
+        ("person", PERSON_BOX, None),
+        ("deer", DEER_BOX, None),  # another label on the same camera still alerts
+        ("person", OTHER_PERSON_BOX, "cooldown"),  # the same label within 30 s does not
+    ]
+    # the silenced person's end is silenced too; the others' go out
+    assert [(a.event.type, a.suppressed) for a in gate if a.event.box == OTHER_PERSON_BOX] == [
+        ("new", "cooldown"),
+        ("end", "cooldown"),
+    ]
+    # the same label on another camera, inside gate's person cooldown, still alerts
+    assert [(a.event.type, a.event.label, a.suppressed) for a in yard] == [
+        ("new", "person", None),
+        ("end", "person", None),
+    ]
+
+
+def test_suppressed_counter_counts_exactly_the_events_not_sent(tmp_path, broker, subscriber_factory):
+    settings = cooldown_settings(broker.port)
+    gate, yard = gate_and_yard(settings)
+    daemon = Daemon(settings)
+    for camera in COOLDOWN_CAMERAS:
+        daemon.metrics.add_camera(camera)  # as the daemon's sources do
+    daemon._snapshots = SnapshotStore(tmp_path / "snapshots", 10)
+    sub = subscriber_factory(broker.port, "t/events")
+    with Spool(tmp_path / "spool.db") as spool, Publisher(settings.mqtt, spool, daemon.metrics) as publisher:
+        for alerts in (gate, yard):
+            daemon._publish(alerts, publisher)
+        wait_until(lambda: spool.count() == 0, 10, "every sent event acknowledged")
+
+    def suppressed(camera: str, reason: str) -> float | None:
+        labels = {"camera": camera, "reason": reason}
+        return daemon.metrics.registry.get_sample_value("monitor_events_suppressed_total", labels)
+
+    silenced = [a for a in gate if a.suppressed is not None]
+    assert [a.event.type for a in silenced] == ["new", "end"]
+    assert suppressed("gate", "cooldown") == len(silenced)
+    assert suppressed("gate", "rate_limit") == 0
+    assert suppressed("yard", "cooldown") == suppressed("yard", "rate_limit") == 0
+    sent = {(a.event.event_id, a.event.type) for a in gate + yard if a.suppressed is None}
+    assert len(sent) == 6  # gate's first person and deer, yard's person: new and end each
+
+    def received() -> set[tuple[str, str]]:
+        sub.drain()
+        return {(e["event_id"], e["type"]) for e in (json.loads(m.payload) for m in sub.seen)}
+
+    # one client's messages arrive in order: once yard's last event is in, a silenced one would be too
+    wait_until(lambda: sent <= received(), 10, "the sent events at the subscriber")
+    assert received() == sent
