@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -183,6 +184,119 @@ def test_val_reports_all_and_each_class_with_ultralytics_columns(
     assert header.split() == ["Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95"]
     assert [line.split()[0] for line in lines] == ["all", *CLASSES]
     assert lines[0].split()[1:3] == [str(n_images), str(sum(instances.values()))]
+
+
+@dataclass
+class UltralyticsVal:
+    """What Ultralytics' own ``YOLO(model).val(...)`` returned and logged."""
+
+    metrics: object  # ultralytics.utils.metrics.DetMetrics
+    table: list[str]  # the rows it logged: 'all', then one per class
+
+
+def ultralytics_val(model: Path, data: Path, imgsz: int, batch: int, project: Path) -> UltralyticsVal:
+    """``YOLO(model).val`` called directly, with the per-class rows its validator logs captured."""
+    from ultralytics import YOLO
+    from ultralytics.utils import LOGGER
+
+    yolo = YOLO(str(model))
+    names = {"all", *(str(n) for n in yolo.names.values())}
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    level = LOGGER.level
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)  # YOLO_VERBOSE=False would hide the table
+    try:
+        metrics = yolo.val(
+            data=str(data), imgsz=imgsz, batch=batch, device="cpu", plots=False, project=str(project)
+        )
+    finally:
+        LOGGER.removeHandler(handler)
+        LOGGER.setLevel(level)
+    table = [m for m in logged if len(m.split()) == 7 and m.split()[0] in names]
+    assert table, f"Ultralytics logged no per-class table: {logged}"
+    return UltralyticsVal(metrics, table)
+
+
+def assert_val_matches_ultralytics(model: Path, data: Path, imgsz: int, tmp_path: Path) -> list[dict]:
+    """``monitor val`` (JSON and table) reports what Ultralytics' own val does; returns the JSON rows."""
+    argv = ["val", "--data", data, "--model", model, "--imgsz", imgsz, "--batch", 8, "--device", "cpu"]
+    as_json, table = run_cli([*argv, "--json"]), run_cli(argv)
+    assert as_json.code == 0, as_json.err
+    assert table.code == 0, table.err
+    reference = ultralytics_val(model, data, imgsz, 8, tmp_path)
+    box = reference.metrics.box  # type: ignore[attr-defined]
+    names = reference.metrics.names  # type: ignore[attr-defined]
+    expected = [("all", box.mp, box.mr, box.map50, box.map)]
+    expected += [(str(names[int(c)]), *box.class_result(i)) for i, c in enumerate(box.ap_class_index)]
+    rows = json.loads(as_json.out)["rows"]
+    assert [row["class"] for row in rows] == [name for name, *_ in expected]
+    for row, (name, p, r, map50, map50_95) in zip(rows, expected, strict=True):
+        got = (row["precision"], row["recall"], row["mAP50"], row["mAP50-95"])
+        assert got == pytest.approx((p, r, map50, map50_95), abs=1e-6), name
+    # Ultralytics' logged rows carry the image and instance counts; ours must be the same lines.
+    for row, line in zip(rows, reference.table, strict=True):
+        assert line.split()[:3] == [row["class"], str(row["images"]), str(row["instances"])]
+    assert [line.strip() for line in table.out.splitlines()[1:]] == [line.strip() for line in reference.table]
+    return rows
+
+
+def test_val_on_the_tiny_data_set_matches_ultralytics_own_val(
+    trained: tuple[Ran, Path], shapes_data: Path, tmp_path: Path
+) -> None:
+    best = trained[1] / "shapes" / "weights" / "best.pt"
+    rows = assert_val_matches_ultralytics(best, shapes_data, IMAGE_SIZE, tmp_path)
+    n_images, instances, _ = val_label_counts(shapes_data)
+    assert (rows[0]["images"], rows[0]["instances"]) == (n_images, sum(instances.values()))
+
+
+@pytest.fixture(scope="module")
+def clip_data(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A val split of clip frames labelled from the test weights' own boxes, some dropped, all jittered.
+
+    A one-epoch model finds nothing (every metric 0); on this set the real
+    weights score between 0 and 1, so a wrong column or class cannot hide.
+    """
+    from ultralytics import YOLO
+
+    root = tmp_path_factory.mktemp("clip-data")
+    (root / "images" / "val").mkdir(parents=True)
+    (root / "labels" / "val").mkdir(parents=True)
+    detector = Detector(ModelSettings(path=weights, imgsz=EXPORT_IMGSZ, device="cpu", backend="torch"))
+    frames = parity_frames()
+    rng = np.random.default_rng(0)
+    for i, (frame, found) in enumerate(zip(frames, detector.detect(frames, conf=PARITY_CONF), strict=True)):
+        height, width = frame.shape[:2]
+        lines = []
+        for k, (box, cls) in enumerate(zip(found.xyxy, found.class_id, strict=True)):
+            if k % 3 == 2:  # a missed label: the model's box becomes a false positive
+                continue
+            x1, y1, x2, y2 = box + rng.normal(0, 3, 4)
+            cx, cy, w, h = (
+                (x1 + x2) / 2 / width,
+                (y1 + y2) / 2 / height,
+                (x2 - x1) / width,
+                (y2 - y1) / height,
+            )
+            lines.append(f"{int(cls)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+        cv2.imwrite(str(root / "images" / "val" / f"{i:03d}.png"), frame)
+        (root / "labels" / "val" / f"{i:03d}.txt").write_text("".join(f"{line}\n" for line in lines))
+    data = root / "data.yaml"
+    names = {int(k): str(v) for k, v in YOLO(str(weights)).names.items()}
+    data.write_text(
+        yaml.safe_dump({"path": str(root), "train": "images/val", "val": "images/val", "names": names})
+    )
+    return data
+
+
+def test_val_of_the_real_weights_matches_ultralytics_own_val(
+    weights: Path, clip_data: Path, tmp_path: Path
+) -> None:
+    rows = assert_val_matches_ultralytics(weights, clip_data, EXPORT_IMGSZ, tmp_path)
+    assert 0 < rows[0]["precision"] < 1, "metrics strictly between 0 and 1 make the comparison tell"
+    assert 0 < rows[0]["mAP50-95"] < rows[0]["mAP50"] < 1
+    assert len(rows) >= 2, "at least one class row besides 'all'"
 
 
 def test_dataset_hash_follows_labels_but_not_ultralytics_label_cache(tmp_path: Path) -> None:
