@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from monitor import training
-from monitor.cli import EXIT_STARTUP, main
+from monitor.cli import EXIT_STARTUP, build_parser, main
 from monitor.detector import Detector, sha256_of
 from monitor.settings import ModelSettings
 from tests.conftest import CLIP, PEOPLE_JPG, TEST_LABELS, base_config, free_port, wait_until
@@ -148,6 +148,34 @@ def test_train_prints_best_weights_and_a_model_card_describing_them(
     assert card["data_sha256"] == training.dataset_sha256(shapes_data)
     assert (card["epochs"], card["imgsz"], card["base_model"]) == (1, IMAGE_SIZE, "yolov8s.yaml")
     assert card["ultralytics"].startswith("8.")
+
+
+def test_train_defaults_are_the_seeds_imgsz_416_and_10_epochs(
+    shapes_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``monitor train --data D`` alone trains as the seed did; checked without a 10-epoch run."""
+    args = build_parser().parse_args(["train", "--data", str(shapes_data)])
+    assert (args.imgsz, args.epochs, args.batch) == (416, 10, 16)
+    assert (args.model, args.device) == ("yolov8s.pt", "auto")
+    # What the command hands to training.train, recorded instead of training.
+    calls: list[dict[str, object]] = []
+    best = tmp_path / "exp" / "weights" / "best.pt"
+
+    def record(data: Path, **kwargs: object) -> Path:
+        calls.append({"data": data, **kwargs})
+        return best
+
+    monkeypatch.setattr(training, "train", record)
+    ran = run_cli(["train", "--data", shapes_data])
+    assert ran.code == 0, ran.err
+    assert ran.out.splitlines() == [str(best), str(best.with_name("model_card.json"))]
+    (call,) = calls
+    assert (call["data"], call["imgsz"], call["epochs"], call["model"]) == (
+        shapes_data,
+        416,
+        10,
+        "yolov8s.pt",
+    )
 
 
 def test_val_reports_all_and_each_class_with_ultralytics_columns(
