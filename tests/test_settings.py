@@ -8,7 +8,7 @@ import pytest
 
 from monitor.cli import main
 from monitor.errors import ConfigError
-from monitor.settings import load_settings
+from monitor.settings import ObjectsSettings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,3 +119,36 @@ def test_unknown_environment_section_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, VALID))
     assert info.value.problems == ["MONITOR_CLUSTR__SHARD_COUNT (environment): unknown key"]
+
+
+COCO_ANIMALS = ["bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"]
+#: The seed model's wildlife classes that issue 6 names.
+SEED_WILDLIFE = ["buffalo", "deer", "elephant", "gaur", "raccoon"]
+
+
+@pytest.mark.parametrize(
+    ("label", "category"),
+    [
+        *[(label, "wildlife") for label in COCO_ANIMALS + SEED_WILDLIFE],
+        ("person", "person"),
+        *[(label, "vehicle") for label in ("car", "truck", "bus", "motorcycle", "bicycle")],
+        ("umbrella", "other"),
+        ("Normal", "other"),
+    ],
+)
+def test_default_category_table(label, category):
+    assert ObjectsSettings().category_of(label) == category
+
+
+def test_configured_category_wins_over_the_table():
+    objects = ObjectsSettings(categories={"dog": "other", "umbrella": "person"})
+    assert (objects.category_of("dog"), objects.category_of("umbrella")) == ("other", "person")
+    assert objects.category_of("cat") == "wildlife"
+
+
+def test_example_config_tracks_people_and_wildlife_by_default():
+    settings = load_settings(ROOT / "config" / "monitor.example.yaml")
+    tracked = settings.objects.track
+    missing = [label for label in ["person", *COCO_ANIMALS, *SEED_WILDLIFE] if label not in tracked]
+    assert missing == []
+    assert "other" not in {settings.objects.category_of(label) for label in tracked}
