@@ -399,6 +399,54 @@ def test_onnx_export_is_dynamic_and_detects_like_the_pt_weights(exported: Export
         np.testing.assert_array_equal(have.class_id[match], want.class_id)
 
 
+def test_openvino_export_predicts_like_the_pt_weights(weights: Path, tmp_path: Path) -> None:
+    """``monitor export --format openvino``, then ``monitor predict`` on the folder it prints.
+
+    The real weights, not the one-epoch shapes model: that one finds nothing,
+    and parity on no boxes could not fail.
+    """
+    pt = tmp_path / "fall.pt"
+    shutil.copyfile(weights, pt)  # the export lands next to the weights: keep it out of site-packages
+    ran = run_cli(["export", "--model", pt, "--format", "openvino", "--imgsz", EXPORT_IMGSZ])
+    assert ran.code == 0, ran.err
+    folder = tmp_path / "fall_openvino_model"
+    assert ran.out == f"{folder}\n"
+    assert {p.name for p in folder.iterdir()} >= {"fall.xml", "fall.bin", "metadata.yaml"}
+
+    pictures = tmp_path / "frames"
+    pictures.mkdir()
+    for i, frame in enumerate(parity_frames()):
+        assert cv2.imwrite(str(pictures / f"{i:02d}.png"), frame)  # lossless: both sides see the same pixels
+    argv = ["predict", pictures, "--model", folder, "--imgsz", EXPORT_IMGSZ, "--device", "cpu"]
+    predicted = run_cli([*argv, "--conf", PARITY_CONF])
+    assert predicted.code == 0, predicted.err
+    lines = [json.loads(line) for line in predicted.out.splitlines()]
+    paths = sorted(pictures.iterdir())
+    assert [line["path"] for line in lines] == [str(p) for p in paths]
+
+    reference = Detector(
+        ModelSettings(path=pt, imgsz=EXPORT_IMGSZ, device="cpu", backend="torch", conf=PARITY_CONF)
+    )
+    expected = reference.detect([cv2.imread(str(p)) for p in paths])
+    assert sum(len(d) for d in expected) > 0, "parity needs detections to compare"
+    for path, want, line in zip(paths, expected, lines, strict=True):
+        results = line["results"]
+        assert len(results) == len(want), (
+            f"{path.name}: {len(results)} boxes from OpenVINO, {len(want)} from .pt"
+        )
+        if not results:
+            continue
+        have = np.array([r["boxes"] for r in results], dtype=np.float32)
+        iou = sv.box_iou_batch(want.xyxy, have)
+        match = iou.argmax(axis=1)
+        assert (iou.max(axis=1) >= PARITY_IOU).all(), f"{path.name}: IoU {iou.max(axis=1)}"
+        assert want.confidence is not None
+        scores = np.array([r["confidence"] for r in results])
+        # predict rounds confidences to 2 decimals: allow that on top of the parity tolerance.
+        np.testing.assert_allclose(scores[match], want.confidence, atol=PARITY_CONF_TOLERANCE + 0.005)
+        assert [results[j]["label"] for j in match] == list(want.data["class_name"]), path.name
+
+
 @pytest.mark.filterwarnings(*ONNX_EXPORT_WARNINGS)
 def test_predict_endpoint_serves_the_exported_model(exported: Exported, tmp_path: Path) -> None:
     """`monitor serve` with model.path pointing at an ONNX export answers /predict like the .pt does."""
