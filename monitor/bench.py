@@ -97,6 +97,7 @@ class BenchOptions:
         width: Frames are scaled to this width (with ``height``); default: the clip's size.
         height: See ``width``.
         max_batch: ``detect.max_batch`` (default: the settings').
+        decoder: Every file stream's ``decoder`` (``auto``, ``cpu``, ``nvdec``).
         duration: Seconds measured.
         warmup: Seconds run before measuring (after every stream delivered a frame).
         compare_naive: Also time Ultralytics' own predict loop on the same frames.
@@ -111,6 +112,7 @@ class BenchOptions:
     width: int | None = None
     height: int | None = None
     max_batch: int | None = None
+    decoder: str = "auto"
     duration: float = 30.0
     warmup: float = 5.0
     compare_naive: bool = False
@@ -128,6 +130,8 @@ class BenchOptions:
         for name, value in (("width", self.width), ("height", self.height)):
             if value is not None and value < 16:
                 problems.append(f"{name}: must be >= 16, got {value}")
+        if self.decoder not in ("auto", "cpu", "nvdec"):
+            problems.append(f"decoder: must be auto, cpu or nvdec, got {self.decoder!r}")
         if self.max_batch is not None and self.max_batch < 1:
             problems.append(f"max_batch: must be >= 1, got {self.max_batch}")
         if self.duration <= 0:
@@ -205,6 +209,7 @@ class BenchConfig:
     half: bool
     max_batch: int
     conf: float
+    decoder: str
     duration_s: float
     warmup_s: float
     naive_frames: int | None
@@ -339,7 +344,8 @@ class BenchReport:
         lines = [
             f"machine: {m.cpu_model}, {m.cpu_cores} cores, {memory}, {gpu}; load average at start {load}",
             f"  python {m.python}, torch {m.torch}, ultralytics {m.ultralytics}, opencv {m.opencv}",
-            f"config: {c.streams} {source}, {c.width}x{c.height} at {fps} fps each",
+            f"config: {c.streams} {source}, {c.width}x{c.height} at {fps} fps each"
+            + (f", decoder {c.decoder}" if c.mode == "file" else ""),
             f"  model {c.model}{' (random weights)' if c.random_init else ''} = {c.model_id}",
             f"  imgsz {c.imgsz}, {c.device}, {c.runtime}, {'fp16' if c.half else 'fp32'}, "
             f"{c.torch_threads} torch threads, max_batch {c.max_batch}",
@@ -628,7 +634,9 @@ def bench_settings(base: Settings, options: BenchOptions, url: str, size: tuple[
     try:
         cameras = {
             f"stream-{i:03d}": CameraSettings(
-                url=url, detect=CameraDetectSettings(fps=options.fps_of(i), width=width, height=height)
+                url=url,
+                detect=CameraDetectSettings(fps=options.fps_of(i), width=width, height=height),
+                decoder=options.decoder,
             )
             for i in range(options.streams)
         }
@@ -826,6 +834,7 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         half=detector.half,
         max_batch=settings.detect.max_batch,
         conf=settings.model.conf,
+        decoder="none" if options.synthetic else options.decoder,
         duration_s=options.duration,
         warmup_s=options.warmup,
         naive_frames=options.naive_frames if options.compare_naive else None,

@@ -233,6 +233,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             width=args.width,
             height=args.height,
             max_batch=args.max_batch,
+            decoder=args.decoder,
             duration=args.duration,
             warmup=args.warmup,
             compare_naive=args.compare_naive,
@@ -469,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--height", type=int, help="scale frames to this height (with --width)")
     bench.add_argument(
         "--max-batch", type=int, help="frames per forward pass (default: the config's, else 16)"
+    )
+    bench.add_argument(
+        "--decoder",
+        choices=["auto", "cpu", "nvdec"],
+        default="auto",
+        help="file streams' decoder: nvdec needs PyNvVideoCodec and a GPU (default: %(default)s)",
     )
     bench.add_argument("--duration", type=float, default=30.0, help="seconds measured (default: %(default)s)")
     bench.add_argument(

@@ -430,6 +430,14 @@ class CameraSettings(_Section):
     backoff_max: float = Field(
         60.0, gt=0, description="Longest wait between reconnects (starts at 1 s, doubles, +/-20% jitter)."
     )
+    decoder: Literal["auto", "cpu", "nvdec"] = Field(
+        "auto",
+        description=(
+            "cpu: FFmpeg through OpenCV; nvdec: the GPU's video decoder through PyNvVideoCodec "
+            "(the nvdec extra), falling back to cpu with a log line; auto: nvdec when PyNvVideoCodec "
+            "is installed and works for the stream, else cpu."
+        ),
+    )
     objects: CameraObjectsSettings | None = Field(None, description="Overrides of objects.track/filters.")
     zones: dict[str, ZoneSettings] = Field(default_factory=dict, description="Named areas; events list them.")
     required_zones: list[str] = Field(

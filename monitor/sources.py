@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import importlib.util
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mpc
@@ -33,10 +34,11 @@ import secrets
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -120,6 +122,9 @@ class _Opened:
     width: int
     height: int
     fps: float
+    decoder: Decoder = "cpu"
+    #: Why the stream is decoded on the CPU although nvdec was chosen.
+    fallback: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +142,30 @@ class _Failed:
 
     reason: str
     stalled: bool = False
+
+
+Decoder = Literal["cpu", "nvdec"]
+
+
+def choose_decoder(camera: str, choice: str) -> Decoder:
+    """The decoder a camera's child starts with: ``nvdec`` needs PyNvVideoCodec installed.
+
+    ``nvdec`` asked for but not installed is logged (a warning: the user asked);
+    ``auto`` without it is simply the CPU. Whether NVDEC then works for the stream
+    (a GPU, a codec it decodes) is found out by the child, which falls back to the
+    CPU and says why in its ``_Opened`` message.
+    """
+    if choice == "cpu":
+        return "cpu"
+    if importlib.util.find_spec("PyNvVideoCodec") is None:
+        if choice == "nvdec":
+            logger.warning(
+                "decoder nvdec: PyNvVideoCodec is not installed (pip install 'monitor[nvdec]'); "
+                "decoding on the CPU",
+                extra={"camera": camera},
+            )
+        return "cpu"
+    return "nvdec"
 
 
 def stall_reason(settings: CameraSettings) -> str:
@@ -189,6 +218,8 @@ class Source:
         self._backoff = BACKOFF_FIRST
         self._failure: str | None = None
         self._failure_state = CameraState.OFFLINE
+        self._decoder: Decoder = choose_decoder(name, settings.decoder) if settings.enabled else "cpu"
+        self._fallback_logged = False
         self.state = CameraState.DISABLED if not settings.enabled else CameraState.STARTING
         self.since = time.time()
         self.reason: str | None = None
@@ -228,7 +259,15 @@ class Source:
         self._proc = _CTX.Process(
             target=_decoder_main,
             name=f"monitor-decoder-{self.name}",
-            args=(self.settings, self.fps, self._shm.name, self._slot_bytes, self._latest_seq, writer),
+            args=(
+                self.settings,
+                self.fps,
+                self._shm.name,
+                self._slot_bytes,
+                self._latest_seq,
+                writer,
+                self._decoder,
+            ),
             daemon=True,
         )
         self._proc.start()
@@ -287,12 +326,17 @@ class Source:
                 self._started, self._opening = time.monotonic(), True
             elif isinstance(message, _Opened):
                 logger.info(
-                    "stream opened: %dx%d at %.1f fps",
+                    "stream opened: %dx%d at %.1f fps, decoded on the %s",
                     message.width,
                     message.height,
                     message.fps,
+                    "GPU (nvdec)" if message.decoder == "nvdec" else "CPU",
                     extra={"camera": self.name},
                 )
+                if message.fallback and not self._fallback_logged:
+                    self._fallback_logged = True  # once per camera, not per reconnect
+                    log = logger.warning if self.settings.decoder == "nvdec" else logger.info
+                    log("%s: decoding on the CPU", message.fallback, extra={"camera": self.name})
             elif isinstance(message, _Failed):
                 self._failure = message.reason
                 self._failure_state = CameraState.STALLED if message.stalled else CameraState.OFFLINE
@@ -397,6 +441,7 @@ def _decoder_main(
     slot_bytes: int,
     latest_seq: Any,
     conn: mpc.Connection,
+    decoder: Decoder = "cpu",
 ) -> None:
     """Entry point of a decoder child. Exits non-zero with a ``_Failed`` message."""
     # Ctrl-C reaches the whole process group; the parent decides when we stop.
@@ -412,7 +457,7 @@ def _decoder_main(
     url = settings.url.get_secret_value()
     shm = SharedMemory(name=shm_name)
     try:
-        code = _decode_loop(cv2, settings, url, fps, shm, slot_bytes, latest_seq, conn, reasons)
+        code = _decode_loop(cv2, settings, url, fps, shm, slot_bytes, latest_seq, conn, reasons, decoder)
     except Exception as exc:  # report, never print a traceback with the URL
         conn.send(_Failed(redact(f"decoder error: {exc}")))
         code = 70
@@ -510,6 +555,82 @@ class _StderrReasons:
 _STDERR_SYNC_TIMEOUT = 1.0
 
 
+class _NvdecCapture:
+    """NVDEC through PyNvVideoCodec, behind the part of ``cv2.VideoCapture`` the loop uses.
+
+    PyNvVideoCodec's demuxer (its own FFmpeg) reads the stream, the GPU's video
+    decoder decodes it into host memory as NV12, and ``retrieve`` converts that
+    to BGR with OpenCV, so everything after the decoder is the same as on the CPU.
+    The open and read timeouts are the parent's watchdog (``open_timeout``,
+    ``stall_timeout``): this child is killed when either runs out.
+
+    Raises:
+        Exception: Whatever PyNvVideoCodec raises when it cannot open or decode the
+            stream (no GPU, an unsupported codec); the caller falls back to the CPU.
+    """
+
+    def __init__(self, cv2: Any, url: str, gpu: int = 0) -> None:
+        import PyNvVideoCodec as nvc
+
+        self._cv2 = cv2
+        self._demuxer = nvc.CreateDemuxer(filename=url)
+        self._decoder = nvc.CreateDecoder(
+            gpuid=gpu, codec=self._demuxer.GetNvCodecId(), usedevicememory=False
+        )
+        self._packets = iter(self._demuxer)
+        self._pending: deque[Any] = deque()
+        self._frame: Any = None
+        self._fps = float(self._demuxer.FrameRate())
+
+    def isOpened(self) -> bool:  # cv2.VideoCapture's name
+        return True
+
+    def get(self, prop: int) -> float:
+        return self._fps if prop == self._cv2.CAP_PROP_FPS else 0.0
+
+    def grab(self) -> bool:
+        while not self._pending:
+            packet = next(self._packets, None)
+            if packet is None:
+                return False
+            self._pending.extend(self._decoder.Decode(packet))
+        self._frame = self._pending.popleft()
+        return True
+
+    def retrieve(self) -> tuple[bool, np.ndarray | None]:
+        frame, self._frame = self._frame, None
+        if frame is None:
+            return False, None
+        width, height = int(self._decoder.GetWidth()), int(self._decoder.GetHeight())
+        size = int(frame.framesize())
+        if size != width * height * 3 // 2:  # not 8-bit 4:2:0 (NV12)
+            return False, None
+        address = ctypes.cast(frame.GetPtrToPlane(0), ctypes.POINTER(ctypes.c_uint8))
+        nv12 = np.ctypeslib.as_array(address, shape=(size,)).reshape(height * 3 // 2, width)
+        return True, self._cv2.cvtColor(nv12, self._cv2.COLOR_YUV2BGR_NV12)
+
+    def release(self) -> None:
+        self._pending.clear()
+        self._frame = self._decoder = self._demuxer = self._packets = None
+
+
+def _open_with(
+    cv2: Any, settings: CameraSettings, url: str, decoder: Decoder
+) -> tuple[Any, Decoder, str | None]:
+    """Open the stream with ``decoder``; NVDEC that fails falls back to the CPU.
+
+    Returns:
+        The capture, the decoder it uses, and why NVDEC is not used (else None).
+    """
+    if decoder == "nvdec":
+        try:
+            return _NvdecCapture(cv2, url), "nvdec", None
+        except Exception as exc:  # no GPU, no NVDEC for this codec, a stream it cannot read
+            fallback = redact(f"nvdec cannot decode this stream ({type(exc).__name__}: {exc})")
+            return _open(cv2, settings, url), "cpu", fallback
+    return _open(cv2, settings, url), "cpu", None
+
+
 def _open(cv2: Any, settings: CameraSettings, url: str) -> Any:
     params = [
         cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
@@ -537,12 +658,13 @@ def _decode_loop(
     latest_seq: Any,
     conn: mpc.Connection,
     reasons: _StderrReasons,
+    decoder: Decoder = "cpu",
 ) -> int:
     if settings.is_file and not os.path.isfile(url):
         conn.send(_Failed("not found"))
         return 2
     conn.send(_Opening())
-    cap = _open(cv2, settings, url)
+    cap, decoder, fallback = _open_with(cv2, settings, url, decoder)
     if not cap.isOpened():
         fallback = "no video stream" if settings.is_file else "cannot open stream"
         conn.send(_Failed(reasons.latest(fallback)))
@@ -567,7 +689,7 @@ def _decode_loop(
         if not grabbed:
             if settings.is_file and seq > 0:
                 cap.release()
-                cap = _open(cv2, settings, url)
+                cap, decoder, _ = _open_with(cv2, settings, url, decoder)
                 played, play_start = 0, time.monotonic()
                 continue
             conn.send(_Failed(reasons.latest("end of stream" if opened else "no video stream")))
@@ -586,7 +708,7 @@ def _decode_loop(
             return 4
         height, width = image.shape[:2]
         if not opened:
-            conn.send(_Opened(width, height, native_fps))
+            conn.send(_Opened(width, height, native_fps, decoder, fallback))
             opened = True
         out_w, out_h = _target_size(settings, width, height)
         if (out_w, out_h) != (width, height):

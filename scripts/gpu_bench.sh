@@ -37,8 +37,10 @@
 #
 # Knobs (defaults are the GPU run above; e.g. DEVICE=cpu STREAMS=2 DURATION=5 IMGSZ=320 for a
 # dry run on a CPU box): PYTHON SITE DEVICE STREAMS FPS WIDTH HEIGHT IMGSZ MODEL DURATION WARMUP
-# NAIVE_FRAMES MAX_BATCH RUN_TIMEOUT. Budget: ~1 min of set-up and ~100 s per run; each run is
-# cut at RUN_TIMEOUT (200 s), so the whole script stays under 10 minutes.
+# NAIVE_FRAMES MAX_BATCH NVDEC_STREAMS RUN_TIMEOUT. With pynvvideocodec's wheel in .whl/ (the
+# nvdec extra) a third run decodes NVDEC_STREAMS (200) streams on the GPU. Budget: ~1 min of
+# set-up and ~100 s per run; each run is cut at RUN_TIMEOUT (200 s): two runs stay well under
+# 10 minutes, three usually do (set STREAMS=64 to be sure).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -57,6 +59,7 @@ DURATION=${DURATION:-60}
 WARMUP=${WARMUP:-5}
 NAIVE_FRAMES=${NAIVE_FRAMES:-200}
 MAX_BATCH=${MAX_BATCH:-16}
+NVDEC_STREAMS=${NVDEC_STREAMS:-200}
 RUN_TIMEOUT=${RUN_TIMEOUT:-200}
 CLIP=${CLIP:-/tmp/monitor-bench-${WIDTH}x${HEIGHT}-${FPS}fps.mp4}
 
@@ -155,12 +158,24 @@ bench() {  # bench NAME EXTRA-ARGS...: one run; its report in $OUT/NAME.json, st
 }
 
 for n in $STREAMS; do
-    if ! bench "bench-$n" --streams "$n" --clip "$CLIP"; then
+    if ! bench "bench-$n" --streams "$n" --clip "$CLIP" --decoder cpu; then
         if grep -q "/dev/shm" "$OUT/bench-$n.log"; then
             bench "bench-$n-synthetic" --streams "$n" --synthetic || true
         fi
     fi
 done
+
+# NVDEC, when PyNvVideoCodec's wheel came along (.whl/pynvvideocodec-*.whl). A stream NVDEC
+# cannot decode (the clip is mp4v when this OpenCV cannot write H.264) falls back to the CPU,
+# and each decoder logs which it used: grep "decoded on the" in the run's .log.
+if "$PYTHON" -c "import PyNvVideoCodec" 2>/dev/null; then
+    for n in $NVDEC_STREAMS; do
+        bench "bench-nvdec-$n" --streams "$n" --clip "$CLIP" --decoder nvdec || true
+        grep -o "decoded on the [A-Z]*" "$OUT/bench-nvdec-$n.log" | sort | uniq -c >&2 || true
+    done
+else
+    log "PyNvVideoCodec is not importable: no nvdec run"
+fi
 
 "$PYTHON" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json
@@ -180,7 +195,7 @@ for path in sorted(Path(sys.argv[1]).glob("bench-*.json"), key=lambda p: (len(p.
         continue
     m, c, p, lat = r["machine"], r["config"], r["pipeline"], r["latency"]["capture_to_detections"]
     print(f"{path.name}: {c['streams']} {c['mode']} streams {c['width']}x{c['height']} at {c['fps']} fps, "
-          f"{c['model']} imgsz {c['imgsz']} on {m['gpu'] or m['cpu_model']} ({c['runtime']}, "
+          f"decoder {c.get('decoder', 'n/a')}, {c['model']} imgsz {c['imgsz']} on {m['gpu'] or m['cpu_model']} ({c['runtime']}, "
           f"{'fp16' if c['half'] else 'fp32'}), max_batch {c['max_batch']}")
     print(f"  pipeline (end to end): offered {fmt(p['offered_fps'])} fps, processed {fmt(p['processed_fps'])} fps "
           f"({fmt(p['processed_fps_per_stream'], '.2f')}/stream), dropped {fmt(p['drop_pct'])} %, "

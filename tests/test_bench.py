@@ -97,6 +97,7 @@ def test_bench_reports_pipeline_stages_and_naive_baseline(weights, tmp_path, cap
         8,
     )
     assert (config_["width"], config_["height"]) == (768, 576)
+    assert config_["decoder"] == "auto"
 
     assert [s["name"] for s in pipeline["streams"]] == ["stream-000", "stream-001"]
     for stream in pipeline["streams"]:

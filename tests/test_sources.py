@@ -7,13 +7,17 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import signal
+import sys
 import time
+import types
 
+import cv2
+import numpy as np
 import pytest
 
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
-from monitor.sources import _STDERR_SYNC_TIMEOUT, CameraState, CameraStatus, Source
+from monitor.sources import _STDERR_SYNC_TIMEOUT, CameraState, CameraStatus, Source, _open_with
 from tests.conftest import CLIP, free_port, start_rtsp_server
 
 
@@ -247,3 +251,121 @@ def test_backoff_is_back_to_the_first_delay_after_a_healthy_period(monkeypatch, 
         kill_when_online_then_wait_for_frames(0)  # again at once: doubled
         kill_when_online_then_wait_for_frames(1.5)  # after more than HEALTHY_AFTER online: reset
     assert restart_delays(caplog) == [0.8, 1.6, 0.8]
+
+
+def test_nvdec_without_pynvvideocodec_decodes_on_the_cpu_and_says_so(caplog):
+    caplog.set_level("INFO", logger="monitor.sources")
+    settings = CameraSettings(url=str(CLIP), decoder="nvdec")
+    with Source("gpu-cam", settings, fps=5, metrics=Metrics()) as source:
+        frame = pump(source, source.take, 20, "a frame decoded on the CPU")
+    assert frame.image.shape == (576, 768, 3)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "PyNvVideoCodec" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].camera == "gpu-cam"
+    assert "decoding on the CPU" in warnings[0].getMessage()
+    assert any("decoded on the CPU" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_decoder_without_pynvvideocodec_is_the_cpu_without_a_warning(caplog):
+    caplog.set_level("INFO", logger="monitor.sources")
+    with Source("cam", CameraSettings(url=str(CLIP)), fps=5, metrics=Metrics()) as source:
+        pump(source, source.take, 20, "a frame")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+class _FakeNvc(types.ModuleType):
+    """PyNvVideoCodec's decode API (CreateDemuxer, CreateDecoder, Decode, host NV12 frames).
+
+    Only for the adapter's own logic (packets to frames, NV12 to BGR); the real
+    library needs an NVIDIA GPU, which the CI machine does not have.
+    """
+
+    def __init__(self, images: list[np.ndarray], fail: str | None = None) -> None:
+        super().__init__("PyNvVideoCodec")
+        self.images, self.fail = images, fail
+
+    def CreateDemuxer(self, filename: str):
+        if self.fail:
+            raise RuntimeError(self.fail)
+        images = self.images
+
+        class Demuxer:
+            def GetNvCodecId(self):
+                return 4
+
+            def FrameRate(self):
+                return 10.0
+
+            def __iter__(self):
+                # Two frames come out of the second packet (decoder latency), none of the first.
+                return iter([[], images[:2], images[2:]])
+
+        return Demuxer()
+
+    def CreateDecoder(self, gpuid: int, codec: int, usedevicememory: bool):
+        assert (gpuid, codec, usedevicememory) == (0, 4, False)
+        height, width = self.images[0].shape[:2]
+        kept: list[np.ndarray] = []
+
+        class Frame:
+            def __init__(self, image: np.ndarray) -> None:
+                i420 = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)
+                y, u, v = i420[:height], i420[height:].reshape(2, -1)[0], i420[height:].reshape(2, -1)[1]
+                uv = np.empty(u.size * 2, np.uint8)
+                uv[0::2], uv[1::2] = u, v
+                self.buffer = np.concatenate([y.ravel(), uv])
+                kept.append(self.buffer)
+
+            def framesize(self):
+                return self.buffer.size
+
+            def GetPtrToPlane(self, plane):
+                return self.buffer.ctypes.data
+
+        class Decoder:
+            def Decode(self, packet):
+                return [Frame(image) for image in packet]
+
+            def GetWidth(self):
+                return width
+
+            def GetHeight(self):
+                return height
+
+        return Decoder()
+
+
+def test_nvdec_adapter_turns_decoded_nv12_frames_into_bgr(monkeypatch):
+    images = [np.full((48, 64, 3), (40 * i, 100, 200 - 40 * i), np.uint8) for i in range(3)]
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", _FakeNvc(images))
+    cap, decoder, fallback = _open_with(
+        cv2, CameraSettings(url="rtsp://cam/live"), "rtsp://cam/live", "nvdec"
+    )
+    assert (decoder, fallback) == ("nvdec", None)
+    assert cap.get(cv2.CAP_PROP_FPS) == 10.0
+    decoded = []
+    while cap.grab():
+        ok, image = cap.retrieve()
+        assert ok
+        decoded.append(image)
+    assert len(decoded) == 3
+    for got, want in zip(decoded, images, strict=True):
+        assert got.shape == want.shape
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 4  # YUV 4:2:0 round trip
+
+
+def test_nvdec_that_cannot_open_falls_back_to_the_cpu_with_a_redacted_reason(monkeypatch):
+    monkeypatch.setitem(
+        sys.modules, "PyNvVideoCodec", _FakeNvc([], fail="no CUDA device for rtsp://admin:pw@cam/live")
+    )
+    cap, decoder, fallback = _open_with(cv2, CameraSettings(url=str(CLIP)), str(CLIP), "nvdec")
+    try:
+        assert decoder == "cpu"
+        assert cap.isOpened()
+        assert cap.grab()  # OpenCV's FFmpeg decodes it instead
+        assert (
+            fallback
+            == "nvdec cannot decode this stream (RuntimeError: no CUDA device for rtsp://***@cam/live)"
+        )
+    finally:
+        cap.release()
