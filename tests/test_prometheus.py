@@ -59,6 +59,65 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return queries
 
 
+def template_variable(name: str) -> dict[str, Any]:
+    (variable,) = (v for v in json.loads(DASHBOARD.read_text())["templating"]["list"] if v["name"] == name)
+    return dict(variable)
+
+
+#: A metric selector in PromQL: a name and its label matchers, if any.
+SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(\{[^}]*\})?")
+
+
+def selectors(expr: str) -> list[tuple[str, str]]:
+    """``(metric, matchers)`` of every selector in ``expr``; ``matchers`` without the braces."""
+    return [(name, (braces or "{}")[1:-1]) for name, braces in SELECTOR.findall(expr)]
+
+
+def check_the_camera_variable(prometheus: PrometheusServer, cameras: set[str]) -> None:
+    """The ``camera`` variable lists the daemon's cameras, and every per-camera query filters on it."""
+    variable = template_variable("camera")
+    assert (variable["includeAll"], variable["multi"]) == (True, True), variable
+    assert variable["allValue"] == GRAFANA_VARIABLES["$camera"], "the test's All is not the dashboard's"
+    query = variable["query"]["query"]
+    assert variable["definition"] == query
+    found = re.fullmatch(r"label_values\((\w+), (\w+)\)", query)
+    assert found, f"an unexpected camera variable query: {query}"
+    metric, label = found.groups()
+    # What Grafana's Prometheus data source asks for label_values(metric, label).
+    answer = prometheus.api(f"label/{label}/values", **{"match[]": metric})
+    assert answer["status"] == "success", answer
+    assert sorted(answer["data"]) == sorted(cameras), (query, answer["data"])
+
+    # Every series that has a camera label (as the daemon really exports them) is filtered by the
+    # variable, the way a multi-value variable with All works: a regex match.
+    per_camera = {s["__name__"] for s in prometheus.api("series", **{"match[]": '{camera!=""}'})["data"]}
+    assert {"monitor_camera_up", "monitor_events_total"} <= per_camera, per_camera
+    unfiltered = [
+        (title, expr)
+        for title, expr in dashboard_queries()
+        for name, matchers in selectors(expr)
+        if name in per_camera and 'camera=~"$camera"' not in matchers
+    ]
+    assert not unfiltered, f"per-camera series the camera variable does not filter: {unfiltered}"
+    camera_matchers = [
+        m for _, expr in dashboard_queries() for m in re.findall(r"camera\s*!?[=~]+[^,}]*", expr)
+    ]
+    assert camera_matchers, "no panel filters on the camera variable"
+    assert set(camera_matchers) == {'camera=~"$camera"'}, camera_matchers
+
+    # Choosing one camera narrows each per-camera panel to it; one nobody has empties it.
+    for title, expr in dashboard_queries():
+        if "$camera" not in expr:
+            continue
+        for choice, allowed in (("cam1", {"cam1"}), ("no-such-camera", set())):
+            result = prometheus.api("query", query=as_grafana_would(expr.replace("$camera", choice)))
+            assert result["status"] == "success", (title, expr, result)
+            shown = {s["metric"].get("camera", choice) for s in result["data"]["result"]}
+            assert shown <= allowed, (title, choice, result["data"]["result"])
+            if allowed:
+                assert result["data"]["result"], f"panel {title!r} shows nothing for {choice}: {expr}"
+
+
 def rule_queries() -> list[tuple[str, str]]:
     """``(alert name, expr)`` of every rule."""
     groups = yaml.safe_load(RULES.read_text())["groups"]
@@ -349,3 +408,5 @@ def test_every_dashboard_and_rule_query_returns_the_daemons_series(
         and not {s.name for s in f.samples} & used
     ]
     assert not missing, f"families without a panel in {DASHBOARD.name}: {missing}"
+
+    check_the_camera_variable(prometheus, set(cameras))
