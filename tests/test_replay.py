@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -150,18 +153,90 @@ def test_suppressed_count_equals_the_events_not_sent(weights, detector, people, 
     assert sent + limited.suppressed == free.new + free.update + free.end
 
 
-def test_replay_command_prints_json_summary(weights, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def replay_config(weights, tmp_path_factory) -> Path:
+    """A config file for `monitor replay` on the person clip at the test thresholds, 1 fps."""
     config = {
         "model": {"path": str(weights), "imgsz": IMGSZ, "device": "cpu", "labels": TEST_LABELS},
         "detect": {"fps": 1},
         "objects": PEOPLE,
         "cameras": {"walkway": {"url": str(CLIP)}},
     }
-    path = tmp_path / "replay.yaml"
+    path = tmp_path_factory.mktemp("replay") / "replay.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert main(["replay", str(CLIP), "--config", str(path), "--json"]) == 0
-    body = json.loads(capsys.readouterr().out)
+    return path
+
+
+@pytest.fixture(scope="module")
+def json_replay(replay_config) -> dict:
+    """What `monitor replay CLIP --config ... --json` printed, parsed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["replay", str(CLIP), "--config", str(replay_config), "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_replay_command_prints_json_summary(json_replay):
+    body = json_replay
     keys = {"tracks", "confirmed_tracks", "new", "update", "end", "suppressed", "alerts_per_confirmed_track"}
     assert keys <= set(body["summary"])
     assert body["summary"]["new"] == sum(e["type"] == "new" for e in body["events"])
     assert body["summary"]["new"] > 0
+
+
+TIMELINE = re.compile(
+    r"^ *(?P<time>\d+\.\d\d)s  (?P<type>new|update|end) +(?P<label>\S+) +track (?P<track>\d+) +"
+    r"score (?P<score>\d\.\d\d) top (?P<top>\d\.\d\d)(?:  zones \S+)?  (?P<event_id>\S+)$"
+)
+SUMMARY = re.compile(
+    r"^(?P<video>.+) as camera (?P<camera>\S+): (?P<frames>\d+) frames analysed over (?P<seconds>[\d.]+) s\n"
+    r"tracks (?P<tracks>\d+), confirmed (?P<confirmed_tracks>\d+)\n"
+    r"events: new (?P<new>\d+), update (?P<update>\d+), end (?P<end>\d+); suppressed (?P<suppressed>\d+)\n"
+    r"alerts per confirmed track: (?P<alerts_per_confirmed_track>\d+\.\d\d)$"
+)
+
+
+def test_replay_command_prints_the_timeline_and_summary_of_the_json_run(replay_config, json_replay, capsys):
+    assert main(["replay", str(CLIP), "--config", str(replay_config)]) == 0
+    timeline, _, summary = capsys.readouterr().out.rstrip("\n").partition("\n\n")
+    events = json_replay["events"]
+    assert events
+    lines = [TIMELINE.match(line) for line in timeline.splitlines()]
+    assert all(lines), timeline
+    printed = [
+        (float(m["time"]), m["type"], m["label"], int(m["track"]), float(m["score"]), float(m["top"]))
+        for m in lines
+    ]
+    expected = [
+        (
+            round(e["frame_time"], 2),
+            e["type"],
+            e["label"],
+            e["track_id"],
+            round(e["score"], 2),
+            round(e["top_score"], 2),
+        )
+        for e in events
+    ]
+    assert printed == expected
+    # Event ids are minted afresh per run, but group the events the same way in both.
+    text_ids = [m["event_id"] for m in lines]
+    json_ids = [e["event_id"] for e in events]
+    assert len(set(zip(text_ids, json_ids, strict=True))) == len(set(text_ids)) == len(set(json_ids))
+    match = SUMMARY.match(summary)
+    assert match, summary
+    s = json_replay["summary"]
+    assert match["video"] == s["video"] == str(CLIP)
+    assert match["camera"] == s["camera"] == "walkway"
+    assert float(match["seconds"]) == pytest.approx(s["seconds"], abs=0.05)
+    for key in ("frames", "tracks", "confirmed_tracks", "new", "update", "end", "suppressed"):
+        assert int(match[key]) == s[key], key
+    assert float(match["alerts_per_confirmed_track"]) == pytest.approx(
+        s["alerts_per_confirmed_track"], abs=0.005
+    )
+    kinds = [m["type"] for m in lines]
+    assert (kinds.count("new"), kinds.count("update"), kinds.count("end")) == (
+        s["new"],
+        s["update"],
+        s["end"],
+    )
