@@ -191,7 +191,6 @@ class Daemon:
         camera = settings.cameras[name]
         self.cameras[name] = CameraPipeline(name, settings, model, publisher.prefix, self.shard.instance_id)
         source = Source(name, camera, settings.camera_fps(name), self.metrics, publisher.publish_status)
-        self.metrics.camera_enabled.labels(name).set(1 if camera.enabled else 0)
         self.sources[name] = source.__enter__()
 
     def _remove_camera(self, name: str, publisher: Publisher, forget: bool = True) -> None:

@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 import time
+from logging.handlers import SysLogHandler
 from typing import Any
 
 from monitor.settings import LogSettings
@@ -39,17 +40,6 @@ def redact(text: str) -> str:
     return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
-def syslog_priority(levelno: int) -> int:
-    """The syslog priority of a logging level: 3 err, 4 warning, 6 info, 7 debug."""
-    if levelno >= logging.CRITICAL:
-        return 2
-    if levelno >= logging.ERROR:
-        return 3
-    if levelno >= logging.WARNING:
-        return 4
-    return 6 if levelno >= logging.INFO else 7
-
-
 class _RedactingFormatter(logging.Formatter):
     """key=value text; under journald every line starts with its ``<priority>`` (sd-daemon(3)).
 
@@ -67,7 +57,9 @@ class _RedactingFormatter(logging.Formatter):
         text = redact(super().format(record))
         if not self._journald:
             return text
-        prefix = f"<{syslog_priority(record.levelno)}>"
+        # The logging module's own level -> syslog priority table (4 warning, 3 error ...).
+        priority = SysLogHandler.priority_names[SysLogHandler.priority_map.get(record.levelname, "warning")]
+        prefix = f"<{priority}>"
         return "\n".join(prefix + line for line in text.split("\n"))
 
 

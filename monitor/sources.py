@@ -229,6 +229,7 @@ class Source:
         self._dropped = metrics.frames_dropped.labels(name)
         self._reconnects = metrics.camera_reconnects.labels(name)
         self._up = metrics.camera_up.labels(name)
+        metrics.camera_enabled.labels(name).set(1 if settings.enabled else 0)
         # Read at scrape time: no work in the pipeline loop.
         metrics.camera_frame_age.labels(name).set_function(lambda: self.last_frame_age(time.monotonic()))
 

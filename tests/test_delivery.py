@@ -599,13 +599,11 @@ def tls_broker(tmp_path: Path) -> Iterator[TlsBroker]:
     broker.stop()
 
 
-def tls_settings(port: int, ca_file: Path, password: str = PASSWORD, **tls: object) -> MqttSettings:
+def tls_settings(port: int, ca_file: Path, password: str | None = PASSWORD, **tls: object) -> MqttSettings:
+    """TLS to the test broker; with ``password=None`` no login (a client certificate says who)."""
+    login = {"username": USER, "password": SecretStr(password)} if password is not None else {}
     return MqttSettings(
-        port=port,
-        topic_prefix="t",
-        username=USER,
-        password=SecretStr(password),
-        tls=TlsSettings(enabled=True, ca_file=ca_file, **tls),
+        port=port, topic_prefix="t", tls=TlsSettings(enabled=True, ca_file=ca_file, **tls), **login
     )
 
 
@@ -705,11 +703,7 @@ def test_tls_errors_are_reported_not_raised(tmp_path, tls_broker, caplog):
 
 def client_cert_settings(tls_broker: TlsBroker, **tls: object) -> MqttSettings:
     """For the listener that requires a client certificate: no password, the certificate says who."""
-    return MqttSettings(
-        port=tls_broker.client_cert_port,
-        topic_prefix="t",
-        tls=TlsSettings(enabled=True, ca_file=tls_broker.ca_file, **tls),
-    )
+    return tls_settings(tls_broker.client_cert_port, tls_broker.ca_file, password=None, **tls)
 
 
 def test_a_client_certificate_gets_in_where_the_broker_requires_one(
