@@ -368,6 +368,19 @@ class HttpSettings(_Section):
     max_pixels: int = Field(50_000_000, ge=1, description="Pictures with more pixels get 413.")
     queue_size: int = Field(8, ge=1, le=1024, description="Uploads waiting for the detector; more get 503.")
     request_timeout: float = Field(30.0, gt=0, description="Most seconds an upload waits for its result.")
+    max_connections: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Most HTTP connections open at once; more are answered 503 and closed at once.",
+    )
+    read_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Most seconds a client may take to send a whole request (headers and body); "
+        "slower ones get 408 and are closed.",
+    )
 
 
 class SpoolSettings(_Section):
