@@ -18,7 +18,7 @@ import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import supervision as sv
@@ -62,7 +62,8 @@ class Health:
     cameras: Callable[[], list[CameraStatus]] = lambda: []
     predict: Callable[[Any, float], Future[sv.Detections]] | None = None
     snapshot: Callable[[str], bytes | None] = lambda event_id: None
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: What works in a reduced way right now, and why: ``{"spool": "disk full: ...", ...}``.
+    degraded: Callable[[], dict[str, str]] = lambda: {}
 
 
 class _UploadLimit:
@@ -213,6 +214,7 @@ def create_app(metrics: Metrics, health: Health, settings: HttpSettings) -> Fast
             "ready": health.model_ready,
             "model": "ready" if health.model_ready else "loading",
             "mqtt": "connected" if health.mqtt_connected() else (health.mqtt_error() or "connecting"),
+            "degraded": health.degraded(),
         }
         return JSONResponse(body, status_code=200 if health.model_ready else 503)
 

@@ -117,6 +117,8 @@ class Daemon:
         self._last_watchdog = 0.0
         self._last_processed = time.monotonic()
         self._processed = self._processed_at_watchdog = 0
+        #: True once start-up is over (READY=1 sent): a failure after that is a run-time failure.
+        self.running = False
 
     def run(
         self,
@@ -181,6 +183,7 @@ class Daemon:
                 for name in owned:
                     self._add_camera(name, settings, detector.label, publisher)
             self._notifier.notify("READY=1")
+            self.running = True
             logger.info("running with %d camera(s)", len(self.sources))
             self._loop(stop, detector, publisher, requests)
             self._notifier.notify("STOPPING=1")
