@@ -54,8 +54,6 @@ MAX_NATIVE = (1920, 1080)
 #: Restart backoff: first delay, cap, and the +/- fraction of jitter.
 BACKOFF_FIRST = 1.0
 BACKOFF_JITTER = 0.2
-#: Online this long without trouble resets the backoff.
-HEALTHY_AFTER = 30.0
 #: Seconds a new decoder process may take to start (imports) before opening the stream;
 #: generous because many cameras start at once on small machines.
 SPAWN_TIMEOUT = 60.0
@@ -213,9 +211,9 @@ class Source:
         self._created = time.monotonic()
         self._started = 0.0
         self._opening = False
-        self._online_since = 0.0
         self._restart_at: float | None = None
         self._backoff = BACKOFF_FIRST
+        self._session_frames = False  # the current decoder delivered a frame
         self._failure: str | None = None
         self._failure_state = CameraState.OFFLINE
         self._decoder: Decoder = choose_decoder(name, settings.decoder) if settings.enabled else "cpu"
@@ -235,11 +233,8 @@ class Source:
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> Source:
-        if self.settings.enabled:
-            self._shm = SharedMemory(create=True, size=SLOTS * self._slot_bytes)
-            self._latest_seq = _CTX.RawValue("q", -1)
-            self._spawn()
-        self._set_state(self.state, None)
+        if not self.settings.enabled or self._spawn():
+            self._set_state(self.state, None)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -253,11 +248,52 @@ class Source:
             self._shm.unlink()
             self._shm = None
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> bool:
+        """Start a decoder; False (camera offline, retried with backoff) when the system refuses.
+
+        Shared memory, the pipe and the process each need file descriptors and
+        memory; when those run out (``EMFILE``: a flood of HTTP clients, a full
+        ``/dev/shm``) this camera waits and retries instead of taking the daemon down.
+        """
+        self._session_frames = False
+        try:
+            if self._shm is None:
+                self._shm = SharedMemory(create=True, size=SLOTS * self._slot_bytes)
+            if self._latest_seq is None:
+                self._latest_seq = _CTX.RawValue("q", -1)
+            self._start_child()
+        except OSError as exc:
+            self._restart(CameraState.OFFLINE, f"cannot start the decoder: {exc.strerror or exc}")
+            return False
+        return True
+
+    def _start_child(self) -> None:
         assert self._shm is not None
         assert self._latest_seq is not None
         reader, writer = _CTX.Pipe(duplex=False)
-        self._proc = _CTX.Process(
+        try:
+            self._proc = self._new_process(writer)
+            self._proc.start()
+        except BaseException:
+            self._proc = None
+            reader.close()
+            raise
+        finally:
+            writer.close()  # the child holds the only write end: EOF means it died
+        self._conn = reader
+        self._ready = None
+        self._taken_seq = -1
+        self._failure = None
+        self._failure_state = CameraState.OFFLINE
+        now = time.monotonic()
+        self._started = now
+        self._opening = False
+        self._last_frame = now
+        self._restart_at = None
+
+    def _new_process(self, writer: mpc.Connection) -> Any:
+        assert self._shm is not None
+        return _CTX.Process(
             target=_decoder_main,
             name=f"monitor-decoder-{self.name}",
             args=(
@@ -271,18 +307,6 @@ class Source:
             ),
             daemon=True,
         )
-        self._proc.start()
-        writer.close()  # the child holds the only write end: EOF means it died
-        self._conn = reader
-        self._ready = None
-        self._taken_seq = -1
-        self._failure = None
-        self._failure_state = CameraState.OFFLINE
-        now = time.monotonic()
-        self._started = now
-        self._opening = False
-        self._last_frame = now
-        self._restart_at = None
 
     def _stop_child(self) -> None:
         proc, self._proc = self._proc, None
@@ -318,10 +342,10 @@ class Source:
                 return
             if isinstance(message, _FrameReady):
                 self._ready = message
+                self._session_frames = True
                 self._frames.inc()
                 self._last_frame = self._last_received = time.monotonic()
                 if self.state is not CameraState.ONLINE:
-                    self._online_since = self._last_frame
                     self._set_state(CameraState.ONLINE, None)
             elif isinstance(message, _Opening):
                 self._started, self._opening = time.monotonic(), True
@@ -384,11 +408,9 @@ class Source:
             if self._restart_at is not None and now >= self._restart_at:
                 self.reconnects += 1
                 self._reconnects.inc()
-                self._spawn()
-                self._set_state(CameraState.STARTING, self.reason)
+                if self._spawn():
+                    self._set_state(CameraState.STARTING, self.reason)
             return
-        if self.state is CameraState.ONLINE and now - self._online_since > HEALTHY_AFTER:
-            self._backoff = BACKOFF_FIRST
         if not self._proc.is_alive():
             self._on_exit()
         elif self.state is CameraState.ONLINE and now - self._last_frame > self.settings.stall_timeout:
@@ -409,6 +431,11 @@ class Source:
     def _restart(self, state: CameraState, reason: str) -> None:
         self._stop_child()
         self._ready = None  # its slot belongs to the next decoder now
+        if self._session_frames:
+            # The stream worked: this is a session ending (an RTSP session timeout, a
+            # flaky link), not a camera that keeps failing. Waiting longer each time
+            # would starve a camera whose sessions end after seconds of good frames.
+            self._backoff = BACKOFF_FIRST
         delay = min(self._backoff, self.settings.backoff_max) * (
             1 + random.uniform(-BACKOFF_JITTER, BACKOFF_JITTER)
         )
