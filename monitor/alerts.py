@@ -48,9 +48,9 @@ import numpy as np
 import supervision as sv
 from pydantic import BaseModel, Field
 
+from monitor.frames import Frame
 from monitor.settings import Category, ObjectsSettings, Point
 from monitor.snapshots import Annotator, encode_jpeg
-from monitor.sources import Frame
 from monitor.zones import to_pixels
 
 EventType = Literal["new", "update", "end"]

@@ -50,12 +50,14 @@ from pydantic import ValidationError
 
 from monitor.alerts import Alert
 from monitor.camera import CameraPipeline
+from monitor.decoder import MAX_NATIVE, SLOTS, frame_bytes
 from monitor.detector import Detector, exported_model
 from monitor.errors import ConfigError, DetectorError, SourceError
+from monitor.frames import CameraState, Frame
 from monitor.metrics import Metrics
 from monitor.scheduler import Scheduler
 from monitor.settings import CameraDetectSettings, CameraSettings, DetectSettings, Settings
-from monitor.sources import MAX_NATIVE, SLOTS, CameraState, Frame, Source, frame_bytes
+from monitor.sources import Source
 
 logger = logging.getLogger(__name__)
 

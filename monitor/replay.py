@@ -21,8 +21,8 @@ from monitor.alerts import Alert
 from monitor.camera import CameraPipeline
 from monitor.detector import Detector
 from monitor.errors import SourceError
+from monitor.frames import Frame
 from monitor.settings import CameraSettings, Settings
-from monitor.sources import Frame
 
 REPLAY_CAMERA = "replay"
 

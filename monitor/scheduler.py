@@ -23,15 +23,41 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import supervision as sv
 
-from monitor.sources import Frame, Source
+from monitor.frames import Frame
+
+
+class FrameSource(Protocol):
+    """What the scheduler needs of a camera: ``sources.Source``, or a stand-in in the bench and tests."""
+
+    @property
+    def name(self) -> str:
+        """The camera's name."""
+        ...
+
+    def has_new_frame(self) -> bool:
+        """True when a frame the detector has not taken is waiting."""
+        ...
+
+    def waiting_since(self) -> float:
+        """Capture time (wall clock) of the waiting frame; ``inf`` when none waits."""
+        ...
+
+    def take(self, not_before: float | None = None) -> Frame | None:
+        """The waiting frame, or None (none waits, or it was older than ``not_before`` and dropped)."""
+        ...
 
 
 class Scheduler:
-    """Builds batches of at most ``max_batch`` frames, oldest capture first."""
+    """Builds batches of at most ``max_batch`` frames: round robin over the cameras with a new frame.
+
+    The cameras served least recently go first; among those served equally
+    long ago, the one whose frame waited longest.
+    """
 
     def __init__(self, max_batch: int, max_age: float | None = None) -> None:
         if max_batch < 1:
@@ -41,7 +67,7 @@ class Scheduler:
         self._turn = 0
         self._served: dict[str, int] = {}  # camera -> the turn it was last served
 
-    def pick(self, sources: Iterable[Source], reserve: int = 0) -> list[Frame]:
+    def pick(self, sources: Iterable[FrameSource], reserve: int = 0) -> list[Frame]:
         """Take the newest frame of each ready camera, least recently served first.
 
         Args:

@@ -1,15 +1,8 @@
-"""Camera sources: one decoder child process per camera, newest frame wins.
+"""Camera sources, the parent side: one decoder child process per camera, newest frame wins.
 
-A Python thread stuck inside a C call (an OpenCV read on a frozen RTSP
-connection) cannot be killed, so every camera is decoded in its own child
-process that the daemon can kill and restart. The child:
-
-* opens the stream with OpenCV's FFmpeg backend (RTSP over TCP, open and
-  read timeouts), plays a local file in real time and loops it;
-* decodes every frame but converts and scales only the ones due at the
-  camera's detect fps (``grab`` for all, ``retrieve`` for those);
-* writes each due frame into one of ``SLOTS`` slots of a shared-memory block
-  the parent owns, then sends a small ``FrameReady`` message on a pipe.
+``Source`` starts a camera's decoder child (``decoder.py``) from a
+forkserver, watches it (a stream that never opens, stalls or dies is killed
+and restarted with backoff) and hands the newest frame to the loop.
 
 The parent keeps only the newest ``FrameReady`` per camera; frames replaced
 before the detector took them are counted as dropped, never queued. Three
@@ -21,45 +14,43 @@ daemon.
 
 from __future__ import annotations
 
-import ctypes
-import enum
 import importlib.util
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mpc
-import os
 import random
-import re
-import secrets
-import signal
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from monitor.logs import redact
+from monitor.decoder import (
+    SLOTS,
+    Decoder,
+    Failed,
+    FrameReady,
+    Opened,
+    Opening,
+    decoder_main,
+    frame_bytes,
+    stall_reason,
+)
+from monitor.frames import CameraState, CameraStatus, Frame
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
 
+__all__ = ["CameraState", "CameraStatus", "Frame", "Source", "choose_decoder"]
+
 logger = logging.getLogger(__name__)
 
-SLOTS = 3
-#: Frames larger than this (pixels) are scaled down, keeping their aspect.
-MAX_NATIVE = (1920, 1080)
 #: Restart backoff: first delay, cap, and the +/- fraction of jitter.
 BACKOFF_FIRST = 1.0
 BACKOFF_JITTER = 0.2
 #: Seconds a new decoder process may take to start (imports) before opening the stream;
 #: generous because many cameras start at once on small machines.
 SPAWN_TIMEOUT = 60.0
-#: FFmpeg input options: RTSP over TCP (no UDP loss), and at most 1 s of stream
-#: probing (the default 5 s makes every (re)connect slow).
-FFMPEG_OPTIONS = "rtsp_transport;tcp|analyzeduration;1000000"
 #: Seconds a decoder gets to exit after SIGTERM before SIGKILL.
 KILL_GRACE = 1.0
 
@@ -68,81 +59,7 @@ KILL_GRACE = 1.0
 # of CPU instead of a fresh interpreter's imports. That keeps a flapping camera
 # with a short backoff from eating the CPU of the healthy ones.
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["monitor.sources", "cv2", "numpy"])
-
-
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One decoded frame on its way to the detector.
-
-    Attributes:
-        camera: Camera name.
-        seq: Frame number within the current decoder run.
-        capture_time: Wall-clock seconds when the frame left the decoder.
-        image: HxWx3 uint8 BGR, in frame pixels (after the camera's scaling).
-    """
-
-    camera: str
-    seq: int
-    capture_time: float
-    image: np.ndarray
-
-
-class CameraState(str, enum.Enum):
-    """What a camera is doing now."""
-
-    STARTING = "starting"
-    ONLINE = "online"
-    STALLED = "stalled"
-    OFFLINE = "offline"
-    DISABLED = "disabled"
-
-
-@dataclass(frozen=True, slots=True)
-class CameraStatus:
-    """A camera's state, as published on ``<prefix>/<camera>/status``."""
-
-    camera: str
-    state: CameraState
-    since: float
-    reason: str | None
-    reconnects: int
-
-
-# Messages from the decoder child to the parent.
-@dataclass(frozen=True, slots=True)
-class _Opening:
-    """The child is up and starts opening the stream (open_timeout runs from here)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Opened:
-    width: int
-    height: int
-    fps: float
-    decoder: Decoder = "cpu"
-    #: Why the stream is decoded on the CPU although nvdec was chosen.
-    fallback: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _FrameReady:
-    seq: int
-    slot: int
-    capture_time: float
-    height: int
-    width: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    """The child gives up: ``reason`` for the status; ``stalled`` when frames stopped coming."""
-
-    reason: str
-    stalled: bool = False
-
-
-Decoder = Literal["cpu", "nvdec"]
+_CTX.set_forkserver_preload(["monitor.decoder", "cv2", "numpy"])
 
 
 def choose_decoder(camera: str, choice: str) -> Decoder:
@@ -151,7 +68,7 @@ def choose_decoder(camera: str, choice: str) -> Decoder:
     ``nvdec`` asked for but not installed is logged (a warning: the user asked);
     ``auto`` without it is simply the CPU. Whether NVDEC then works for the stream
     (a GPU, a codec it decodes) is found out by the child, which falls back to the
-    CPU and says why in its ``_Opened`` message.
+    CPU and says why in its ``Opened`` message.
     """
     if choice == "cpu":
         return "cpu"
@@ -164,18 +81,6 @@ def choose_decoder(camera: str, choice: str) -> Decoder:
             )
         return "cpu"
     return "nvdec"
-
-
-def stall_reason(settings: CameraSettings) -> str:
-    """The reason of a ``stalled`` camera: no frame for ``stall_timeout`` seconds."""
-    return f"no frame for {settings.stall_timeout:g} s"
-
-
-def frame_bytes(settings: CameraSettings) -> int:
-    """Bytes of one slot: the configured detect size, else the native cap."""
-    width = settings.detect.width or MAX_NATIVE[0]
-    height = settings.detect.height or MAX_NATIVE[1]
-    return width * height * 3
 
 
 class Source:
@@ -201,7 +106,7 @@ class Source:
         self._latest_seq: Any = None
         self._proc: Any = None
         self._conn: mpc.Connection | None = None
-        self._ready: _FrameReady | None = None
+        self._ready: FrameReady | None = None
         self._taken_seq = -1
         # The watchdog's clock: the last frame of the current decoder, or its start.
         self._last_frame = 0.0
@@ -294,7 +199,7 @@ class Source:
     def _new_process(self, writer: mpc.Connection) -> Any:
         assert self._shm is not None
         return _CTX.Process(
-            target=_decoder_main,
+            target=decoder_main,
             name=f"monitor-decoder-{self.name}",
             args=(
                 self.settings,
@@ -340,16 +245,16 @@ class Source:
             except (EOFError, OSError):
                 self._on_exit()
                 return
-            if isinstance(message, _FrameReady):
+            if isinstance(message, FrameReady):
                 self._ready = message
                 self._session_frames = True
                 self._frames.inc()
                 self._last_frame = self._last_received = time.monotonic()
                 if self.state is not CameraState.ONLINE:
                     self._set_state(CameraState.ONLINE, None)
-            elif isinstance(message, _Opening):
+            elif isinstance(message, Opening):
                 self._started, self._opening = time.monotonic(), True
-            elif isinstance(message, _Opened):
+            elif isinstance(message, Opened):
                 logger.info(
                     "stream opened: %dx%d at %.1f fps, decoded on the %s",
                     message.width,
@@ -362,7 +267,7 @@ class Source:
                     self._fallback_logged = True  # once per camera, not per reconnect
                     log = logger.warning if self.settings.decoder == "nvdec" else logger.info
                     log("%s: decoding on the CPU", message.fallback, extra={"camera": self.name})
-            elif isinstance(message, _Failed):
+            elif isinstance(message, Failed):
                 self._failure = message.reason
                 self._failure_state = CameraState.STALLED if message.stalled else CameraState.OFFLINE
 
@@ -371,7 +276,7 @@ class Source:
         return self._ready is not None and self._ready.seq > self._taken_seq
 
     def waiting_since(self) -> float:
-        """Capture time of the waiting frame (for oldest-first scheduling)."""
+        """Capture time of the waiting frame: the scheduler's tie-break among cameras served as long ago."""
         return self._ready.capture_time if self._ready is not None else float("inf")
 
     def take(self, not_before: float | None = None) -> Frame | None:
@@ -459,294 +364,3 @@ class Source:
     def last_frame_age(self, now: float) -> float:
         """Seconds since the last frame arrived, across reconnects (since creation when none has)."""
         return now - (self._last_received if self._last_received is not None else self._created)
-
-
-# -- the child process ------------------------------------------------------------
-def _decoder_main(
-    settings: CameraSettings,
-    fps: float,
-    shm_name: str,
-    slot_bytes: int,
-    latest_seq: Any,
-    conn: mpc.Connection,
-    decoder: Decoder = "cpu",
-) -> None:
-    """Entry point of a decoder child. Exits non-zero with a ``_Failed`` message."""
-    # Ctrl-C reaches the whole process group; the parent decides when we stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # FFmpeg's messages say why a stream failed, but can carry the URL with its
-    # credentials: they go to a pipe that only ``_StderrReasons`` reads.
-    reasons = _StderrReasons()
-    os.environ["OPENCV_FFMPEG_DEBUG"] = "1"
-    os.environ["OPENCV_LOG_LEVEL"] = "WARNING"
-    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = FFMPEG_OPTIONS
-    import cv2  # imported here: the parent's import of this module stays light
-
-    url = settings.url.get_secret_value()
-    shm = SharedMemory(name=shm_name)
-    try:
-        code = _decode_loop(cv2, settings, url, fps, shm, slot_bytes, latest_seq, conn, reasons, decoder)
-    except Exception as exc:  # report, never print a traceback with the URL
-        conn.send(_Failed(redact(f"decoder error: {exc}")))
-        code = 70
-    finally:
-        shm.close()
-    os._exit(code)
-
-
-#: FFmpeg messages (seen through OpenCV) and the reason they give, first match wins.
-_REASONS = [
-    (
-        re.compile(r"invalid data found|could not find codec|no video|moov atom not found", re.I),
-        "no video stream",
-    ),
-    (re.compile(r"connection refused", re.I), "connection refused"),
-    (re.compile(r"\b401\b|unauthori[sz]ed", re.I), "unauthorized"),
-    (re.compile(r"\b403\b|forbidden", re.I), "forbidden"),
-    (re.compile(r"\b404\b|not found|no such file", re.I), "not found"),
-    (re.compile(r"timed? ?out|timeout triggered", re.I), "timeout"),
-    (re.compile(r"no route to host|network is unreachable", re.I), "unreachable"),
-    (re.compile(r"name or service not known|failed to resolve|name resolution", re.I), "host not found"),
-]
-_FFMPEG_LINE = re.compile(r"^\[OPENCV:FFMPEG:(\d+)\] (.*)")
-_FFMPEG_VERBOSE = 40  # AV_LOG_VERBOSE: connection attempts and errors; lower numbers are worse
-
-
-class _StderrReasons:
-    """Reads the child's own stdout and stderr and remembers why FFmpeg last failed.
-
-    Nothing read here is printed: the lines may hold the camera's credentials.
-    Only the classified reason (a fixed phrase) leaves the child.
-
-    ``latest`` synchronises with the reader instead of guessing how long it needs:
-    it flushes C stdio (FFmpeg's log goes through ``printf``), then writes a marker
-    line with a random token to the same pipe. A pipe keeps the order of writes, so
-    once the reader has seen the marker it has classified everything FFmpeg wrote
-    before the failure, however loaded the machine is.
-    """
-
-    def __init__(self) -> None:
-        read_fd, write_fd = os.pipe()
-        os.dup2(write_fd, 1)  # OpenCV prints FFmpeg's log to stdout,
-        os.dup2(write_fd, 2)  # and its own warnings to stderr
-        os.close(write_fd)
-        self._reason: str | None = None
-        # Random, so no FFmpeg output (an SDP body, a server's error text) can pose as one.
-        self._prefix = f"monitor-stderr-sync {secrets.token_hex(8)} "
-        self._sent = 0  # markers written (only latest() writes them)
-        self._seen = 0  # markers the reader has reached
-        self._caught_up = threading.Condition()
-        self._libc = ctypes.CDLL(None)
-        self._file = os.fdopen(read_fd, "r", errors="replace")
-        threading.Thread(target=self._read, name="ffmpeg-stderr", daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self._file:
-            if line.startswith(self._prefix):
-                number = line[len(self._prefix) :].strip()
-                if number.isdigit():
-                    with self._caught_up:
-                        self._seen = max(self._seen, int(number))
-                        self._caught_up.notify_all()
-                continue
-            match = _FFMPEG_LINE.match(line)
-            if match and int(match.group(1)) <= _FFMPEG_VERBOSE:
-                text = match.group(2)
-            elif "timeout triggered" in line:  # OpenCV's own interrupt callback
-                text = "timeout triggered"
-            else:
-                continue  # FFmpeg debug output, SDP bodies: never classified, never shown
-            for pattern, reason in _REASONS:
-                if pattern.search(text):
-                    with self._caught_up:
-                        self._reason = reason
-                    break
-
-    def latest(self, fallback: str) -> str:
-        """The last classified reason, or ``fallback``; forgets it.
-
-        Waits (at most ``_STDERR_SYNC_TIMEOUT``) until the reader has read everything
-        written to stdout and stderr before this call.
-        """
-        self._libc.fflush(None)  # FFmpeg's lines still in C stdio buffers go first
-        self._sent += 1
-        number = self._sent
-        # Own line even when FFmpeg left one unfinished; os.write: no Python buffering.
-        os.write(2, f"\n{self._prefix}{number}\n".encode())
-        with self._caught_up:
-            self._caught_up.wait_for(lambda: self._seen >= number, _STDERR_SYNC_TIMEOUT)
-            reason, self._reason = self._reason, None
-        return reason or fallback
-
-
-#: Most seconds ``latest`` waits for the stderr reader before reporting without it.
-_STDERR_SYNC_TIMEOUT = 1.0
-
-
-class _NvdecCapture:
-    """NVDEC through PyNvVideoCodec, behind the part of ``cv2.VideoCapture`` the loop uses.
-
-    PyNvVideoCodec's demuxer (its own FFmpeg) reads the stream, the GPU's video
-    decoder decodes it into host memory as NV12, and ``retrieve`` converts that
-    to BGR with OpenCV, so everything after the decoder is the same as on the CPU.
-    The open and read timeouts are the parent's watchdog (``open_timeout``,
-    ``stall_timeout``): this child is killed when either runs out.
-
-    Raises:
-        Exception: Whatever PyNvVideoCodec raises when it cannot open or decode the
-            stream (no GPU, an unsupported codec); the caller falls back to the CPU.
-    """
-
-    def __init__(self, cv2: Any, url: str, gpu: int = 0) -> None:
-        import PyNvVideoCodec as nvc
-
-        self._cv2 = cv2
-        self._demuxer = nvc.CreateDemuxer(filename=url)
-        self._decoder = nvc.CreateDecoder(
-            gpuid=gpu, codec=self._demuxer.GetNvCodecId(), usedevicememory=False
-        )
-        self._packets = iter(self._demuxer)
-        self._pending: deque[Any] = deque()
-        self._frame: Any = None
-        self._fps = float(self._demuxer.FrameRate())
-
-    def isOpened(self) -> bool:  # cv2.VideoCapture's name
-        return True
-
-    def get(self, prop: int) -> float:
-        return self._fps if prop == self._cv2.CAP_PROP_FPS else 0.0
-
-    def grab(self) -> bool:
-        while not self._pending:
-            packet = next(self._packets, None)
-            if packet is None:
-                return False
-            self._pending.extend(self._decoder.Decode(packet))
-        self._frame = self._pending.popleft()
-        return True
-
-    def retrieve(self) -> tuple[bool, np.ndarray | None]:
-        frame, self._frame = self._frame, None
-        if frame is None:
-            return False, None
-        width, height = int(self._decoder.GetWidth()), int(self._decoder.GetHeight())
-        size = int(frame.framesize())
-        if size != width * height * 3 // 2:  # not 8-bit 4:2:0 (NV12)
-            return False, None
-        address = ctypes.cast(frame.GetPtrToPlane(0), ctypes.POINTER(ctypes.c_uint8))
-        nv12 = np.ctypeslib.as_array(address, shape=(size,)).reshape(height * 3 // 2, width)
-        return True, self._cv2.cvtColor(nv12, self._cv2.COLOR_YUV2BGR_NV12)
-
-    def release(self) -> None:
-        self._pending.clear()
-        self._frame = self._decoder = self._demuxer = self._packets = None
-
-
-def _open_with(
-    cv2: Any, settings: CameraSettings, url: str, decoder: Decoder
-) -> tuple[Any, Decoder, str | None]:
-    """Open the stream with ``decoder``; NVDEC that fails falls back to the CPU.
-
-    Returns:
-        The capture, the decoder it uses, and why NVDEC is not used (else None).
-    """
-    if decoder == "nvdec":
-        try:
-            return _NvdecCapture(cv2, url), "nvdec", None
-        except Exception as exc:  # no GPU, no NVDEC for this codec, a stream it cannot read
-            fallback = redact(f"nvdec cannot decode this stream ({type(exc).__name__}: {exc})")
-            return _open(cv2, settings, url), "cpu", fallback
-    return _open(cv2, settings, url), "cpu", None
-
-
-def _open(cv2: Any, settings: CameraSettings, url: str) -> Any:
-    params = [
-        cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
-        int(settings.open_timeout * 1000),
-        cv2.CAP_PROP_READ_TIMEOUT_MSEC,
-        int(settings.stall_timeout * 1000),
-    ]
-    return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
-
-
-def _target_size(settings: CameraSettings, width: int, height: int) -> tuple[int, int]:
-    if settings.detect.width and settings.detect.height:
-        return settings.detect.width, settings.detect.height
-    scale = min(1.0, (MAX_NATIVE[0] * MAX_NATIVE[1] / (width * height)) ** 0.5)
-    return max(1, int(width * scale)), max(1, int(height * scale))
-
-
-def _decode_loop(
-    cv2: Any,
-    settings: CameraSettings,
-    url: str,
-    fps: float,
-    shm: SharedMemory,
-    slot_bytes: int,
-    latest_seq: Any,
-    conn: mpc.Connection,
-    reasons: _StderrReasons,
-    decoder: Decoder = "cpu",
-) -> int:
-    if settings.is_file and not os.path.isfile(url):
-        conn.send(_Failed("not found"))
-        return 2
-    conn.send(_Opening())
-    cap, decoder, fallback = _open_with(cv2, settings, url, decoder)
-    if not cap.isOpened():
-        fallback = "no video stream" if settings.is_file else "cannot open stream"
-        conn.send(_Failed(reasons.latest(fallback)))
-        return 2
-    native_fps = cap.get(cv2.CAP_PROP_FPS)
-    native_fps = native_fps if 0 < native_fps < 1000 else 25.0
-    period = 1.0 / fps
-    next_due = 0.0
-    seq = 0
-    played = 0  # frames of the file played in this loop (real-time pacing)
-    play_start = time.monotonic()
-    opened = False
-    while True:
-        grab_started = time.monotonic()
-        grabbed = cap.grab()
-        if opened and time.monotonic() - grab_started >= settings.stall_timeout:
-            # FFmpeg's read timeout fired: the connection is open but nothing arrives. OpenCV
-            # then flushes the decoder and can still hand out a frame it held back, one per
-            # timeout, which would keep a frozen camera "online" at 1/stall_timeout fps.
-            conn.send(_Failed(stall_reason(settings), stalled=True))
-            return 5
-        if not grabbed:
-            if settings.is_file and seq > 0:
-                cap.release()
-                cap, decoder, _ = _open_with(cv2, settings, url, decoder)
-                played, play_start = 0, time.monotonic()
-                continue
-            conn.send(_Failed(reasons.latest("end of stream" if opened else "no video stream")))
-            return 3
-        if settings.is_file:
-            played += 1
-            delay = play_start + played / native_fps - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        now = time.monotonic()
-        if opened and now < next_due - 0.25 * period:
-            continue  # decoded (keeps the H.264 state) but not converted
-        ok, image = cap.retrieve()
-        if not ok or image is None or image.ndim != 3:
-            conn.send(_Failed("undecodable frame"))
-            return 4
-        height, width = image.shape[:2]
-        if not opened:
-            conn.send(_Opened(width, height, native_fps, decoder, fallback))
-            opened = True
-        out_w, out_h = _target_size(settings, width, height)
-        if (out_w, out_h) != (width, height):
-            image = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA)
-        slot = seq % SLOTS
-        dest = np.ndarray((out_h, out_w, 3), np.uint8, shm.buf, slot * slot_bytes)
-        np.copyto(dest, image)
-        del dest
-        capture_time = time.time()
-        latest_seq.value = seq
-        conn.send(_FrameReady(seq, slot, capture_time, out_h, out_w))
-        seq += 1
-        next_due = max(next_due + period, now)

@@ -12,10 +12,10 @@ import supervision as sv
 from monitor.alerts import Alert, AlertRules
 from monitor.camera import CameraPipeline
 from monitor.daemon import Daemon
+from monitor.frames import Frame
 from monitor.publisher import Publisher
 from monitor.settings import FilterSettings, ObjectsSettings, Settings
 from monitor.snapshots import SnapshotStore
-from monitor.sources import Frame
 from monitor.spool import Spool
 from tests.conftest import wait_until
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from monitor.frames import Frame
 from monitor.scheduler import Scheduler
-from monitor.sources import Frame
 
 IMAGE = np.zeros((4, 4, 3), np.uint8)
 

@@ -16,9 +16,11 @@ import cv2
 import numpy as np
 import pytest
 
+from monitor.decoder import _STDERR_SYNC_TIMEOUT, _open_with
+from monitor.frames import CameraState, CameraStatus
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
-from monitor.sources import _STDERR_SYNC_TIMEOUT, CameraState, CameraStatus, Source, _open_with
+from monitor.sources import Source
 from tests.conftest import CLIP, free_port, start_rtsp_server
 
 
@@ -148,7 +150,7 @@ def test_frame_age_keeps_growing_across_reconnects_of_a_dead_camera():
 
 def _report_a_buffered_ffmpeg_error(conn: mpc.Connection) -> None:
     """In a fresh child: FFmpeg's error sits in C's stdout buffer when the failure is reported."""
-    from monitor.sources import _StderrReasons
+    from monitor.decoder import _StderrReasons
 
     reasons = _StderrReasons()
     # OpenCV prints FFmpeg's log with printf: on a pipe, C stdio holds it in a 4 KiB buffer.
