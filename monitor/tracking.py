@@ -4,6 +4,14 @@ ByteTrack left ``supervision`` in 0.27; Roboflow maintains it in the
 ``trackers`` package (``ByteTrackTracker``), which takes and returns
 ``sv.Detections`` and accepts real timestamps, so a camera analysed at an
 uneven rate still predicts motion correctly.
+
+A camera whose stream restarts keeps its tracker: ByteTrack counts a lost
+track's time in capture seconds, so after a gap longer than
+``objects.tracker.lost_seconds`` (a reconnect after an outage) every old
+track is gone and what is seen next gets new ids, never an earlier one; a
+reconnect within that time continues the tracks. The tracker is never reset:
+ByteTrack's reset restarts its ids at 1, and the alert rules would take a new
+object for the track that had that id before.
 """
 
 from __future__ import annotations
@@ -53,7 +61,3 @@ class CameraTracker:
             return tracked
         confirmed: sv.Detections = tracked[tracked.tracker_id >= 0]  # type: ignore[assignment]
         return confirmed
-
-    def reset(self) -> None:
-        """Forget every track (after the camera's stream restarted)."""
-        self._tracker.reset()
