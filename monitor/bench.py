@@ -51,10 +51,11 @@ from pydantic import ValidationError
 from monitor.alerts import Alert
 from monitor.camera import CameraPipeline
 from monitor.decoder import MAX_NATIVE, SLOTS, frame_bytes
-from monitor.detector import Detector, exported_model
+from monitor.detector import Detector
 from monitor.errors import ConfigError, DetectorError, SourceError
 from monitor.frames import CameraState, Frame
 from monitor.metrics import Metrics
+from monitor.runtime import exported_model
 from monitor.scheduler import Scheduler
 from monitor.settings import CameraDetectSettings, CameraSettings, DetectSettings, Settings
 from monitor.sources import Source
@@ -780,7 +781,7 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
             settings = settings.model_copy(
                 update={"model": settings.model.model_copy(update={"path": weights})}
             )
-        detector = Detector(settings.model)
+        detector = Detector(settings.model, settings.detect.max_batch)
         torch.set_num_threads(threads)
         detector.warmup(frame_size[1], frame_size[0])
         if detector.device.type == "cuda":

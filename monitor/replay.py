@@ -107,7 +107,7 @@ def run_replay(
         raise SourceError(f"{video}: cannot open as a video")
     native_fps = cap.get(cv2.CAP_PROP_FPS)
     native_fps = native_fps if 0 < native_fps < 1000 else 25.0
-    detector = detector or Detector(settings.model)
+    detector = detector or Detector(settings.model, settings.detect.max_batch)
     pipeline = CameraPipeline(name, settings, detector.label, "replay", None)
     size = settings.cameras[name].detect
     period = 1.0 / settings.camera_fps(name)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitor.detector import resolve_device, sha256_of
 from monitor.errors import DetectorError, MonitorError
+from monitor.runtime import resolve_device, sha256_of
 
 if TYPE_CHECKING:
     from ultralytics.models.yolo import YOLO

@@ -36,7 +36,7 @@ def frames() -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def detector(weights: Path) -> Detector:
     return Detector(
-        ModelSettings(path=weights, imgsz=TEST_IMGSZ, device="cpu", labels=TEST_LABELS, backend="torch")
+        ModelSettings(path=weights, imgsz=TEST_IMGSZ, device="cpu", labels=TEST_LABELS, backend="torch"), 16
     )
 
 
@@ -100,14 +100,14 @@ def test_minimal_rectangle_like_ultralytics(shape, expected):
 
 def test_missing_weights_are_a_clear_error(tmp_path):
     with pytest.raises(DetectorError, match="does not exist"):
-        Detector(ModelSettings(path=tmp_path / "nope.pt", device="cpu"))
+        Detector(ModelSettings(path=tmp_path / "nope.pt", device="cpu"), 16)
 
 
 def test_corrupt_weights_are_a_clear_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a torch checkpoint")
     with pytest.raises(DetectorError, match="could not be loaded as a YOLO model"):
-        Detector(ModelSettings(path=bad, device="cpu"))
+        Detector(ModelSettings(path=bad, device="cpu"), 16)
 
 
 def test_auto_backend_on_cpu_exports_openvino_once_and_keeps_parity(weights, tmp_path, frames):
@@ -115,13 +115,13 @@ def test_auto_backend_on_cpu_exports_openvino_once_and_keeps_parity(weights, tmp
     local.parent.mkdir()
     local.write_bytes(weights.read_bytes())
     settings = ModelSettings(path=local, imgsz=TEST_IMGSZ, device="cpu", labels=TEST_LABELS)
-    first = Detector(settings)
+    first = Detector(settings, 16)
     assert first.runtime == "openvino"
     exports = sorted(p.name for p in local.parent.iterdir() if p.name.endswith("_openvino_model"))
     assert exports == [f"best-{first.sha256[:12]}-{TEST_IMGSZ}_openvino_model"]
     cached = exports[0]
     modified = (local.parent / cached).stat().st_mtime_ns
-    second = Detector(settings)  # uses the cached export
+    second = Detector(settings, 16)  # uses the cached export
     assert (local.parent / cached).stat().st_mtime_ns == modified
     assert second.label == f"best.pt@{first.sha256[:12]}"
     for ours, ref in zip(second.detect(frames), _reference(weights, frames), strict=True):

@@ -45,7 +45,7 @@ def settings(weights: Path, objects: dict | None = None, camera: dict | None = N
 
 @pytest.fixture(scope="module")
 def detector(weights: Path) -> Detector:
-    return Detector(settings(weights).model)
+    return Detector(settings(weights).model, settings(weights).detect.max_batch)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ import yaml
 
 from monitor import training
 from monitor.cli import EXIT_STARTUP, build_parser, main
-from monitor.detector import Detector, sha256_of
+from monitor.detector import Detector
+from monitor.runtime import sha256_of
 from monitor.settings import ModelSettings
 from tests.conftest import CLIP, PEOPLE_JPG, TEST_LABELS, base_config, free_port, wait_until
 
@@ -291,7 +292,7 @@ def clip_data(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("clip-data")
     (root / "images" / "val").mkdir(parents=True)
     (root / "labels" / "val").mkdir(parents=True)
-    detector = Detector(ModelSettings(path=weights, imgsz=EXPORT_IMGSZ, device="cpu", backend="torch"))
+    detector = Detector(ModelSettings(path=weights, imgsz=EXPORT_IMGSZ, device="cpu", backend="torch"), 16)
     frames = parity_frames()
     rng = np.random.default_rng(0)
     for i, (frame, found) in enumerate(zip(frames, detector.detect(frames, conf=PARITY_CONF), strict=True)):
@@ -378,8 +379,8 @@ def test_onnx_export_is_dynamic_and_detects_like_the_pt_weights(exported: Export
     assert ran.out == f"{pt.with_suffix('.onnx')}\n"
     assert onnx.is_file()
     settings = {"imgsz": EXPORT_IMGSZ, "device": "cpu", "conf": PARITY_CONF}
-    reference = Detector(ModelSettings(path=pt, backend="torch", **settings))
-    exported = Detector(ModelSettings(path=onnx, **settings))
+    reference = Detector(ModelSettings(path=pt, backend="torch", **settings), 16)
+    exported = Detector(ModelSettings(path=onnx, **settings), 16)
     assert exported.rect, "a dynamic export takes the same rectangular batches as the .pt weights"
     frames = parity_frames()
     expected, got = reference.detect(frames), exported.detect(frames)
@@ -425,7 +426,7 @@ def test_openvino_export_predicts_like_the_pt_weights(weights: Path, tmp_path: P
     assert [line["path"] for line in lines] == [str(p) for p in paths]
 
     reference = Detector(
-        ModelSettings(path=pt, imgsz=EXPORT_IMGSZ, device="cpu", backend="torch", conf=PARITY_CONF)
+        ModelSettings(path=pt, imgsz=EXPORT_IMGSZ, device="cpu", backend="torch", conf=PARITY_CONF), 16
     )
     expected = reference.detect([cv2.imread(str(p)) for p in paths])
     assert sum(len(d) for d in expected) > 0, "parity needs detections to compare"
@@ -482,7 +483,7 @@ def test_predict_endpoint_serves_the_exported_model(exported: Exported, tmp_path
         assert answer.status_code == 200
         results = answer.json()["results"]
         reference = Detector(
-            ModelSettings(path=pt, imgsz=EXPORT_IMGSZ, device="cpu", backend="torch", labels=TEST_LABELS)
+            ModelSettings(path=pt, imgsz=EXPORT_IMGSZ, device="cpu", backend="torch", labels=TEST_LABELS), 16
         )
         (expected,) = reference.detect([cv2.imread(str(PEOPLE_JPG))])
         assert len(results) == len(expected) > 0
