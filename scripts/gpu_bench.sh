@@ -31,7 +31,7 @@
 # its torch (torch 2.N pairs with torchvision 0.(N+15)) to .whl/ as well.
 #
 # Results go to ${OUT:-out}/: machine.txt, clip.txt, bench-64.json, bench-100.json (one JSON
-# report each, see monitor/bench.py), their .log (stderr), and summary.txt. A run that cannot
+# report each, see monitor/bench/report.py), their .log (stderr), and summary.txt. A run that cannot
 # get the shared memory its decoders need (a small /dev/shm in a container) is repeated with
 # --synthetic (in-process frames, no decoders) as bench-N-synthetic.json.
 #

@@ -1,0 +1,44 @@
+"""``monitor bench``: the daemon's pipeline under a fixed load, measured, and a naive baseline.
+
+The load is N streams at a fixed rate each, for ``duration`` seconds after a
+warm-up:
+
+* file streams: a clip played in real time and looped by the real ``Source``
+  decoder children (one process each, shared memory, newest frame wins), so
+  the numbers include decoding and the copy out of shared memory;
+* ``synthetic`` streams: random frames made in-process on a fixed clock, no
+  decoders, for the detector and the loop alone (on a GPU box with few cores).
+
+Frames then go through the daemon's own stages: ``Scheduler.pick`` (oldest
+first, at most ``detect.max_batch``), one ``Detector.detect`` per batch, and
+``CameraPipeline.process`` per frame (ByteTrack and the alert rules). Events
+are counted, not published: there is no broker, spool or HTTP server here.
+
+``compare_naive`` then runs, on the same frames (decoded once in-process,
+scaled like the streams), Ultralytics' own loop: ``YOLO.predict`` per frame,
+``YOLO.predict`` on lists of ``max_batch`` frames, and ``Detector.detect`` on
+the same lists. Those are detector-only rates; the pipeline's rate is end to
+end and is bounded by the offered rate unless frames were dropped.
+
+A model given as an architecture (``yolov8s.yaml``) gets random weights, saved
+once to a temporary ``.pt`` that both the detector and Ultralytics load: the
+compute per frame is that of the real model, but few boxes survive NMS, so
+tracking and alerts cost less than on trained weights.
+"""
+
+from monitor.bench.load import SyntheticSource, synthetic_frames
+from monitor.bench.loop import STAGES
+from monitor.bench.naive import compare_naive
+from monitor.bench.options import BenchOptions
+from monitor.bench.report import BenchReport
+from monitor.bench.run import run_bench
+
+__all__ = [
+    "STAGES",
+    "BenchOptions",
+    "BenchReport",
+    "SyntheticSource",
+    "compare_naive",
+    "run_bench",
+    "synthetic_frames",
+]

@@ -1,0 +1,346 @@
+"""``run_bench``: the daemon's stages under a fixed load, measured in a window after a warm-up."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monitor.bench.load import (
+    ARCHITECTURE_SUFFIXES,
+    DEFAULT_CLIP,
+    SYNTHETIC_SIZE,
+    SyntheticSource,
+    bench_settings,
+    clip_frames,
+    clip_size,
+    decoded_size,
+    random_init_weights,
+    synthetic_frames,
+)
+from monitor.bench.loop import STAGES, BenchLoop, Recorder, sample_gpu
+from monitor.bench.machine import check_shared_memory, cpu_usage, loadavg, machine_info, process_tree_cpu
+from monitor.bench.naive import compare_naive
+from monitor.bench.options import BenchOptions
+from monitor.bench.report import (
+    BatchStats,
+    BenchConfig,
+    BenchReport,
+    CpuUsage,
+    GpuUsage,
+    Machine,
+    Percentiles,
+    PipelineResult,
+    Ratios,
+    StreamResult,
+)
+from monitor.detector import Detector
+from monitor.errors import ConfigError
+from monitor.metrics import Metrics
+from monitor.settings import Settings
+from monitor.sources import Source
+
+logger = logging.getLogger(__name__)
+
+#: Most seconds every stream gets to deliver its first frame before the warm-up starts.
+STREAM_START_TIMEOUT = 120.0
+#: Seconds between two reads of the GPU's utilisation (NVML averages over its own window).
+GPU_SAMPLE_INTERVAL = 1.0
+#: Seconds between two refreshes of the progress bar's numbers.
+PROGRESS_INTERVAL = 0.5
+#: A drop rate at or above this (percent) means the detector was behind: the pipeline was saturated.
+#: (A few frames are lost to timing jitter even when it keeps up.)
+SATURATED_DROP_PCT = 5.0
+EVENT_TYPES = ("new", "update", "end")
+
+
+def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
+    """Run the load through the pipeline, then (optionally) the naive comparison.
+
+    Args:
+        base: Settings for the model, ``detect`` and ``objects``; its cameras are replaced.
+        options: The load.
+
+    Raises:
+        ConfigError: Invalid options.
+        SourceError: The clip cannot be read, or shared memory is too small.
+        DetectorError: The model cannot be built or loaded.
+    """
+    machine = machine_info()
+    # Ultralytics' select_device (run by an export, or by YOLO.predict) sets torch's thread
+    # count process-wide to min(8, cores - 1); every stage here runs with the starting count.
+    threads = torch.get_num_threads()
+    clip: Path | None = None
+    if options.synthetic:
+        size: tuple[int, int] | None = (
+            (options.width, options.height)
+            if options.width is not None and options.height is not None
+            else SYNTHETIC_SIZE
+        )
+    else:
+        clip = options.clip or DEFAULT_CLIP
+        if not clip.is_file():
+            what = "--clip" if options.clip else f"no --clip given and the test clip {DEFAULT_CLIP}"
+            raise ConfigError([f"{what}: {clip} is not a file"])
+        size = (options.width, options.height) if options.width and options.height else None
+    settings = bench_settings(base, options, "synthetic" if clip is None else str(clip), size)
+    if not options.synthetic:
+        check_shared_memory(settings)
+    if size is None and clip is not None:
+        size = decoded_size(*clip_size(clip))
+    frame_size = size if size is not None else SYNTHETIC_SIZE
+    model_path = base.model.path
+    random_init = model_path.suffix.lower() in ARCHITECTURE_SUFFIXES
+
+    with ExitStack() as stack:
+        if random_init:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="monitor-bench-")))
+            weights = random_init_weights(str(model_path), directory)
+            settings = settings.model_copy(
+                update={"model": settings.model.model_copy(update={"path": weights})}
+            )
+        detector = Detector(settings.model, settings.detect.max_batch)
+        torch.set_num_threads(threads)
+        detector.warmup(frame_size[1], frame_size[0])
+        if detector.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(detector.device)
+        pool = synthetic_frames(*frame_size) if options.synthetic else []
+        metrics = Metrics()
+        recorder = Recorder()
+        with ExitStack() as streams:
+            if options.synthetic:
+                sources: list[Source] = [
+                    streams.enter_context(
+                        SyntheticSource(
+                            name,
+                            camera,
+                            settings.camera_fps(name),
+                            metrics,
+                            pool,
+                            phase=i / options.streams / settings.camera_fps(name),
+                        )
+                    )
+                    for i, (name, camera) in enumerate(settings.cameras.items())
+                ]
+            else:
+                sources = [
+                    streams.enter_context(Source(name, camera, settings.camera_fps(name), metrics))
+                    for name, camera in settings.cameras.items()
+                ]
+            window, cpu = _run_window(settings, options, sources, detector, metrics, recorder)
+            states = {s.name: s.state.value for s in sources}
+        pipeline = _pipeline_result(settings, metrics, recorder, window, cpu, states, detector)
+        naive = None
+        if options.compare_naive:
+            if clip is not None:
+                frames = clip_frames(clip, options.naive_frames, size)
+            else:
+                frames = [pool[i % len(pool)] for i in range(options.naive_frames)]
+            naive = compare_naive(detector, frames, settings.detect.max_batch)
+    machine = _with_loadavg_end(machine)
+    config = BenchConfig(
+        mode="synthetic" if options.synthetic else "file",
+        clip=str(clip) if clip is not None else None,
+        streams=options.streams,
+        fps=list(options.fps),
+        width=frame_size[0],
+        height=frame_size[1],
+        model=str(model_path),
+        random_init=random_init,
+        model_id=detector.label,
+        imgsz=settings.model.imgsz,
+        device=str(detector.device),
+        runtime=detector.runtime,
+        torch_threads=threads,
+        half=detector.half,
+        max_batch=settings.detect.max_batch,
+        conf=settings.model.conf,
+        decoder="none" if options.synthetic else options.decoder,
+        duration_s=options.duration,
+        warmup_s=options.warmup,
+        naive_frames=options.naive_frames if options.compare_naive else None,
+    )
+    ratios = None
+    if naive is not None:
+        ratios = Ratios(
+            detector_vs_ultralytics_per_frame=naive.detector_fps / naive.ultralytics_per_frame_fps,
+            detector_vs_ultralytics_batched=naive.detector_fps / naive.ultralytics_batched_fps,
+            pipeline_vs_ultralytics_per_frame=pipeline.processed_fps / naive.ultralytics_per_frame_fps,
+            pipeline_vs_ultralytics_batched=pipeline.processed_fps / naive.ultralytics_batched_fps,
+            pipeline_saturated=pipeline.saturated,
+            detector_vs_openvino_per_frame=(
+                naive.detector_fps / naive.openvino_per_frame_fps if naive.openvino_per_frame_fps else None
+            ),
+        )
+    return BenchReport(
+        machine=machine,
+        config=config,
+        pipeline=pipeline,
+        stages={s: Percentiles.of(recorder.stages[s]) for s in STAGES},
+        latency={
+            "capture_to_detections": Percentiles.of(recorder.to_detections),
+            "capture_to_alerts": Percentiles.of(recorder.to_alerts),
+        },
+        naive=naive,
+        ratios=ratios,
+    )
+
+
+def _with_loadavg_end(machine: Machine) -> Machine:
+    return Machine(**{**asdict(machine), "loadavg_end": loadavg()})
+
+
+def _counter(metrics: Metrics, name: str, camera: str) -> float:
+    return metrics.registry.get_sample_value(name, {"camera": camera}) or 0.0
+
+
+_COUNTERS = (
+    "monitor_camera_frames_total",
+    "monitor_camera_frames_processed_total",
+    "monitor_camera_frames_dropped_total",
+    "monitor_camera_reconnects_total",
+)
+
+
+def _snapshot(metrics: Metrics, cameras: Sequence[str]) -> dict[str, dict[str, float]]:
+    return {name: {c: _counter(metrics, c, name) for c in _COUNTERS} for name in cameras}
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    seconds: float
+    start: dict[str, dict[str, float]]
+    end: dict[str, dict[str, float]]
+
+
+def _run_window(
+    settings: Settings,
+    options: BenchOptions,
+    sources: list[Source],
+    detector: Detector,
+    metrics: Metrics,
+    recorder: Recorder,
+) -> tuple[_Window, CpuUsage]:
+    """Wait for every stream's first frame, warm up, then measure for ``options.duration``."""
+    from tqdm import tqdm
+
+    loop = BenchLoop(settings, sources, detector, metrics, recorder)
+    names = [s.name for s in sources]
+    deadline = time.monotonic() + STREAM_START_TIMEOUT
+    while time.monotonic() < deadline:
+        counts = _snapshot(metrics, names)
+        if all(c["monitor_camera_frames_total"] > 0 for c in counts.values()):
+            break
+        loop.step()
+    else:
+        silent = [n for n, c in _snapshot(metrics, names).items() if c["monitor_camera_frames_total"] == 0]
+        logger.warning(
+            "%d stream(s) delivered no frame in %.0f s: %s", len(silent), STREAM_START_TIMEOUT, silent
+        )
+    warm_until = time.monotonic() + options.warmup
+    while time.monotonic() < warm_until:
+        loop.step()
+
+    start_counts = _snapshot(metrics, names)
+    cpu_start = process_tree_cpu()
+    recorder.on = True
+    started = time.monotonic()
+    ends = started + options.duration
+    next_gpu = started
+    next_progress = started
+    disable = None if options.progress is None else not options.progress
+    with tqdm(
+        total=round(options.duration), unit="s", desc="bench", disable=disable, file=sys.stderr, leave=False
+    ) as bar:
+        while (now := time.monotonic()) < ends:
+            loop.step()
+            if detector.device.type == "cuda" and recorder.gpu_error is None and now >= next_gpu:
+                next_gpu = now + GPU_SAMPLE_INTERVAL
+                sample_gpu(detector.device, recorder)
+            if now >= next_progress:
+                next_progress = now + PROGRESS_INTERVAL
+                processed = sum(
+                    _counter(metrics, "monitor_camera_frames_processed_total", n)
+                    - start_counts[n]["monitor_camera_frames_processed_total"]
+                    for n in names
+                )
+                bar.n = min(round(now - started), bar.total)
+                bar.set_postfix(fps=f"{processed / max(now - started, 1e-9):.1f}")
+    seconds = time.monotonic() - started
+    recorder.on = False
+    cpu = cpu_usage(cpu_start, process_tree_cpu(), seconds)
+    return _Window(seconds, start_counts, _snapshot(metrics, names)), cpu
+
+
+def _pipeline_result(
+    settings: Settings,
+    metrics: Metrics,
+    recorder: Recorder,
+    window: _Window,
+    cpu: CpuUsage,
+    states: dict[str, str],
+    detector: Detector,
+) -> PipelineResult:
+    seconds = window.seconds
+    streams = []
+    for name in settings.cameras:
+        start, end = window.start[name], window.end[name]
+        delivered, processed, dropped, reconnects = (int(end[c] - start[c]) for c in _COUNTERS)
+        streams.append(
+            StreamResult(
+                name=name,
+                fps=settings.camera_fps(name),
+                delivered=delivered,
+                processed=processed,
+                dropped=dropped,
+                drop_pct=_pct(dropped, delivered),
+                processed_fps=processed / seconds,
+                reconnects=reconnects,
+                state=states[name],
+            )
+        )
+    delivered = sum(s.delivered for s in streams)
+    processed = sum(s.processed for s in streams)
+    dropped = sum(s.dropped for s in streams)
+    batches = recorder.batches
+    gpu = GpuUsage(None, None, None)
+    if detector.device.type == "cuda":
+        gpu = GpuUsage(
+            utilization_pct=float(np.mean(recorder.gpu_samples)) if recorder.gpu_samples else None,
+            utilization_error=recorder.gpu_error,
+            max_memory_allocated_mib=torch.cuda.max_memory_allocated(detector.device) / 2**20,
+        )
+    return PipelineResult(
+        window_s=seconds,
+        requested_fps=sum(settings.camera_fps(n) for n in settings.cameras),
+        offered_fps=delivered / seconds,
+        processed_fps=processed / seconds,
+        processed_fps_per_stream=processed / seconds / len(streams),
+        delivered=delivered,
+        processed=processed,
+        dropped=dropped,
+        drop_pct=_pct(dropped, delivered),
+        saturated=_pct(dropped, delivered) >= SATURATED_DROP_PCT,
+        batch_size=BatchStats(
+            count=len(batches),
+            mean=float(np.mean(batches)) if batches else None,
+            p95=float(np.percentile(batches, 95)) if batches else None,
+            max=max(batches) if batches else None,
+        ),
+        events={t: recorder.events[t] for t in (*EVENT_TYPES, "suppressed")},
+        cpu=cpu,
+        gpu=gpu,
+        streams=streams,
+    )
+
+
+def _pct(part: int, whole: int) -> float:
+    return 100.0 * part / whole if whole else 0.0
