@@ -2,7 +2,8 @@
 
 The only module that reads the process environment, installs signal
 handlers or exits. Exit codes: 0 clean stop, 2 invalid configuration,
-3 start-up failure (model, port, spool), 1 anything else.
+3 start-up failure (model, port, spool), 1 anything else (a failure after
+start-up included).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -89,14 +91,46 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit now in force.
+
+    Every camera holds a decoder process's pipes and shared memory, every HTTP client a
+    socket: the usual soft limit of 1024 runs out long before the hard one. Under systemd
+    ``LimitNOFILE=`` sets both; without it this still gets what the system allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("could not raise the open files limit from %d to %d: %s", soft, hard, exc)
+        return soft
+    return hard
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """``run`` and ``serve``: a clean stop (0) on SIGTERM at any moment, start-up included."""
+    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    # Handlers first: importing torch and loading the model take seconds, and a SIGTERM then
+    # must be a clean stop (exit 0, logged), not the default action (exit 143, no word).
+    configure_logging(LogSettings(), journald=journald)
+    stop, reload = threading.Event(), threading.Event()
+    with capture_signals(stop, reload):
+        return _run(args, stop, reload, journald)
+
+
+def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Event, journald: bool) -> int:
     try:
         settings = _load(args.config)
     except ConfigError as exc:
-        configure_logging(LogSettings())
         logger.error("%s", exc)
         return EXIT_CONFIG
-    configure_logging(settings.log, journald=bool(os.environ.get("JOURNAL_STREAM")))
+    configure_logging(settings.log, journald=journald)
+    open_files = raise_open_files_limit()
+    logger.info("monitor %s starting (pid %d, open files limit %d)", __version__, os.getpid(), open_files)
+    if stop.is_set():
+        return _stopped_early()
     _offline_ultralytics()
     from monitor.daemon import Daemon, watchdog_interval  # torch loads here, after the config is known good
 
@@ -112,15 +146,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         watchdog_interval=watchdog_interval(os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")),
         serve_only=args.command == "serve",
     )
-    stop, reload = threading.Event(), threading.Event()
-    logger.info("monitor %s starting", __version__)
-    with capture_signals(stop, reload):
-        try:
-            daemon.run(stop, reload, load=lambda: _load(args.config))
-        except MonitorError as exc:
-            logger.error("start-up failed: %s", exc)
-            return EXIT_STARTUP
+    if stop.is_set():
+        return _stopped_early()
+    try:
+        daemon.run(stop, reload, load=lambda: _load(args.config))
+    except MonitorError as exc:
+        if daemon.running:  # start-up was over: the daemon ran, then failed
+            logger.error("failed while running: %s", exc)
+            return 1
+        logger.error("start-up failed: %s", exc)
+        return EXIT_STARTUP
     logger.info("stopped")
+    return 0
+
+
+def _stopped_early() -> int:
+    logger.info("stopped before start-up finished")
     return 0
 
 
@@ -184,7 +225,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"error: {_flag_of(error['loc'])}: {error['msg']}", file=sys.stderr)
         return EXIT_CONFIG
     total = count_inputs(args.paths, vid_stride=args.vid_stride)  # bad paths fail before the model loads
-    detector = Detector(model)
+    detector = Detector(model, max_batch=1)  # one picture per call
     annotator = Annotator()
     if args.save is not None:
         args.save.mkdir(parents=True, exist_ok=True)

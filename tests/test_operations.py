@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import resource
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -16,7 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from monitor.cli import main
 from monitor.daemon import STALL_GRACE, Daemon, pipeline_healthy
+from monitor.errors import PublishError
 from monitor.settings import load_settings
 from monitor.sources import CameraState, Source
 from tests.conftest import CLIP, base_config, free_port, wait_until
@@ -211,6 +216,95 @@ def test_sighup_adds_and_removes_cameras_without_touching_the_others(
         lambda: processed("keep") > keep_before and processed("new") > new_before, 15, "both cameras going on"
     )
     assert daemon.terminate() == 0
+
+
+def start_monitor(
+    tmp_path: Path, config: dict[str, object], command: str = "run", open_files: tuple[int, int] | None = None
+) -> tuple[subprocess.Popen[str], Path]:
+    """``monitor <command>`` as a subprocess logging to a file; ``open_files``: its RLIMIT_NOFILE."""
+    config_path = tmp_path / "monitor.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "monitor.log"
+    args = ["-m", "monitor", command, "--config", str(config_path)]
+    if open_files is not None:  # set in a parent that then becomes monitor: no preexec_fn in a test process
+        setup = f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, {open_files}); "
+        args = ["-c", setup + "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MONITOR_")}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, text=True, env=env
+        )
+    return proc, log_path
+
+
+def first_log_line(proc: subprocess.Popen[str], log_path: Path) -> str:
+    def line() -> str:
+        assert proc.poll() is None, f"exited with {proc.returncode}: {log_path.read_text()[-3000:]}"
+        text = log_path.read_text()
+        return text.split("\n", 1)[0] if "\n" in text else ""
+
+    return str(wait_until(line, 60, "the first log line", interval=0.02))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda sig: sig.name)
+def test_a_stop_signal_during_start_up_is_a_clean_stop(weights, tmp_path, sig):
+    config = base_config(weights, tmp_path, free_port(), free_port(), cameras={"a": {"url": str(CLIP)}})
+    proc, log_path = start_monitor(tmp_path, config)
+    try:
+        first_log_line(proc, log_path)  # printed before torch is imported and the model loaded
+        proc.send_signal(sig)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert code == 0, log[-3000:]
+    assert f"{sig.name} received: shutting down" in log
+    assert "stopped before start-up finished" in log
+    assert "warm-up took" not in log  # it stopped instead of starting, then stopping
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one(weights, tmp_path, command):
+    _, hard_now = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = 4096 if hard_now == resource.RLIM_INFINITY else min(hard_now, 4096)
+    if hard <= 256:
+        pytest.skip(f"the hard RLIMIT_NOFILE here is {hard_now}: nothing to raise a soft 256 to")
+    config = base_config(weights, tmp_path, free_port(), free_port())
+    proc, log_path = start_monitor(tmp_path, config, command, open_files=(256, hard))
+    try:
+        line = first_log_line(proc, log_path)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (row,) = (r for r in limits.splitlines() if r.startswith("Max open files"))
+    assert row.split()[3:5] == [str(hard), str(hard)]  # soft, hard
+    assert f"open files limit {hard})" in line
+
+
+@pytest.mark.parametrize(
+    ("running", "code", "line"),
+    [(True, 1, "failed while running: spool: disk full"), (False, 3, "start-up failed: spool: disk full")],
+)
+def test_a_failure_after_start_up_is_not_reported_as_a_start_up_failure(
+    weights, tmp_path, monkeypatch, capsys, running, code, line
+):
+    def run(self: Daemon, stop: threading.Event, reload: object = None, load: object = None) -> None:
+        self.running = running  # what Daemon.run sets once READY=1 went out
+        raise PublishError("spool: disk full")
+
+    monkeypatch.setattr(Daemon, "run", run)
+    config_path = tmp_path / "monitor.yaml"
+    config_path.write_text(yaml.safe_dump(base_config(weights, tmp_path, free_port(), free_port())))
+    assert main(["run", "--config", str(config_path)]) == code
+    err = capsys.readouterr().err
+    assert line in err
+    assert ("start-up failed" in err) is not running
 
 
 def unit_directives(text: str) -> dict[str, dict[str, list[str]]]:
