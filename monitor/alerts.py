@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import secrets
 import statistics
+import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -90,6 +91,8 @@ class Alert:
 
     event: Event
     snapshot: bytes | None
+    #: Capture time of the frame that decided the event (for an ``end``: the frame, or the
+    #: moment, in which the track was found missing), the start of ``monitor_alert_latency_seconds``.
     capture_time: float
     suppressed: str | None = None
 
@@ -203,7 +206,15 @@ class AlertRules:
         return alerts
 
     def expire(self, now: float) -> list[Alert]:
-        """End the tracks unseen for too long (call while a camera is down, too)."""
+        """End the tracks unseen for too long (call while a camera is down, too).
+
+        Args:
+            now: The capture time of the frame being judged, or the wall clock when no
+                frame comes (``inf`` ends every track). An ``end`` is decided at ``now``,
+                so that is its ``Alert.capture_time``: the latency metric then measures the
+                daemon's own delay, not the ``max_disappeared`` it waited on purpose.
+        """
+        decided = min(now, time.time())
         alerts = []
         for track_id, track in list(self._tracks.items()):
             limit = (
@@ -216,9 +227,8 @@ class AlertRules:
                 del self._aliases[alias]
             if track.event_id is not None:
                 best = self._snapshot(track) if track.best_score > track.sent_best else None
-                alerts.append(
-                    self._alert("end", track, track.last_seen, snapshot=best, end_time=track.last_seen)
-                )
+                end = self._alert("end", track, track.last_seen, snapshot=best, end_time=track.last_seen)
+                alerts.append(replace(end, capture_time=decided))
         return alerts
 
     # -- per track -------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import numpy as np
 import pytest
@@ -90,6 +91,24 @@ def test_end_after_max_disappeared_with_same_event_id(rules):
     assert end[0].event.event_id == new[0].event.event_id
     assert end[0].event.end_time == 0.0
     assert rules.update(tracked(), frame(3.0)) == []
+
+
+def test_an_end_is_timed_from_the_frame_that_decided_it_not_from_the_last_sighting(rules):
+    # monitor_alert_latency_seconds starts at Alert.capture_time: for an `end` that is the
+    # frame in which the track was found missing for max_disappeared (1 s here), so the
+    # wait the rules make on purpose never counts as the daemon's delay.
+    rules.update(tracked((4, 0.8, "person")), frame(100.0))
+    (end,) = rules.update(tracked(), frame(101.4))
+    assert end.event.type == "end"
+    assert end.event.frame_time == 100.0  # the payload still reports the last sighting
+    assert end.capture_time == 101.4
+    rules.update(tracked((5, 0.8, "person")), frame(200.0))
+    (quiet,) = rules.expire(203.0)  # the camera went quiet: decided when the loop looked
+    assert quiet.capture_time == 203.0
+    rules.update(tracked((6, 0.8, "person")), frame(300.0))
+    before = time.time()
+    (stopped,) = rules.expire(float("inf"))  # shutdown: decided now
+    assert before <= stopped.capture_time <= time.time()
 
 
 def test_unconfirmed_track_ends_silently(rules):

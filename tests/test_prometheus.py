@@ -12,6 +12,7 @@ import math
 import re
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -387,6 +388,29 @@ def test_every_dashboard_and_rule_query_returns_the_daemons_series(
         for operand in condition_operands(expr):
             check_returns_samples(f"rule {name}, operand", operand)
     assert not failures, "queries that do not return the daemon's series:\n" + "\n".join(failures)
+
+    # Tracks end and their `end` events are delivered, yet alert latency stays the daemon's
+    # own delay: the p99 rule's condition stays false (it used to count max_disappeared, 2 s,
+    # into every `end`, which paged on a healthy daemon).
+    wait_until(
+        lambda: max(prometheus.values('sum(monitor_events_total{type="end"})'), default=0) >= 1,
+        120,
+        "Prometheus to see an end event",
+    )
+    seen_at = time.time()  # the end's PUBACK follows within milliseconds: one more scrape has it
+    wait_until(
+        lambda: max(prometheus.values('timestamp(monitor_ready{job="monitor"})'), default=0) > seen_at + 0.5,
+        30,
+        "a scrape after the end event",
+    )
+    (latency_high,) = (expr for name, expr in rule_queries() if name == "MonitorAlertLatencyHigh")
+    assert prometheus.api("query", query=latency_high)["data"]["result"] == []
+    p99 = prometheus.values(
+        "histogram_quantile(0.99, sum by (le) "
+        '(rate(monitor_alert_latency_seconds_bucket{job="monitor"}[5m])))'
+    )
+    assert p99, "the latency histogram has the end events' samples"
+    assert p99[0] < 2.0, p99
 
     # A disabled camera is never up, yet MonitorCameraDown's condition leaves it out.
     assert prometheus.values('monitor_camera_up{camera="off"}') == [0]
