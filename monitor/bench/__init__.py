@@ -9,8 +9,13 @@ warm-up:
 * ``synthetic`` streams: random frames made in-process on a fixed clock, no
   decoders, for the detector and the loop alone (on a GPU box with few cores).
 
-Frames then go through the daemon's own stages: ``Scheduler.pick`` (oldest
-first, at most ``detect.max_batch``), one ``Detector.detect`` per batch, and
+Modules: ``options`` (what to measure), ``load`` (the streams, the clip's
+frames, random weights), ``loop`` (the loop body and what it records),
+``machine`` (CPU, memory, GPU, CPU time per process), ``naive`` (the
+baselines), ``report`` (typed results, JSON and text), ``run`` (all of it).
+
+Frames then go through the daemon's own stages: ``Scheduler.pick`` (round
+robin over the cameras with a new frame, at most ``detect.max_batch``), one ``Detector.detect`` per batch, and
 ``CameraPipeline.process`` per frame (ByteTrack and the alert rules). Events
 are counted, not published: there is no broker, spool or HTTP server here.
 

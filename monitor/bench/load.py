@@ -16,7 +16,6 @@ from monitor.errors import ConfigError, DetectorError, SourceError
 from monitor.frames import CameraState, Frame
 from monitor.metrics import Metrics
 from monitor.settings import CameraDetectSettings, CameraSettings, DetectSettings, Settings
-from monitor.sources import Source
 
 DEFAULT_CLIP = Path(__file__).resolve().parents[2] / "tests" / "data" / "vtest.mp4"
 #: Frame size of synthetic streams when none is given.
@@ -26,8 +25,10 @@ SYNTHETIC_POOL = 8
 ARCHITECTURE_SUFFIXES = (".yaml", ".yml")
 
 
-class SyntheticSource(Source):
+class SyntheticSource:
     """A camera whose frames are made in-process on a fixed clock: no decoder, no shared memory.
+
+    What the bench's loop needs of a camera (``loop.BenchSource``), without a decoder process.
 
     Frames are due every ``1 / fps`` seconds from ``__enter__`` plus ``phase``; one
     not taken before the next is due is dropped, as with a decoder.
@@ -50,7 +51,11 @@ class SyntheticSource(Source):
         images: list[np.ndarray],
         phase: float,
     ) -> None:
-        super().__init__(name, settings, fps, metrics)
+        self.name = name
+        self.settings = settings
+        self.fps = fps
+        self.state = CameraState.STARTING
+        metrics.add_camera(name)
         self._images = images
         self._period = 1.0 / fps
         self._phase = phase
@@ -65,6 +70,9 @@ class SyntheticSource(Source):
         self._start_mono, self._start_wall = time.monotonic(), time.time()
         self.state = CameraState.ONLINE
         return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Nothing to stop."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import multiprocessing.connection as mpc
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -15,17 +16,35 @@ from monitor.bench.load import SyntheticSource
 from monitor.camera import CameraPipeline
 from monitor.daemon import LOOP_TICK
 from monitor.detector import Detector
-from monitor.frames import Frame
+from monitor.frames import CameraState, Frame
 from monitor.metrics import STAGES as METRIC_STAGES
 from monitor.metrics import Metrics
-from monitor.scheduler import Scheduler
+from monitor.scheduler import FrameSource, Scheduler
 from monitor.settings import Settings
-from monitor.sources import Source
 
 #: Prefix of the (never published) snapshot topics.
 BENCH_PREFIX = "bench"
 #: The per-frame and per-batch stages measured here: the daemon's, less publish (no broker here).
 STAGES = tuple(s for s in METRIC_STAGES if s != "publish")
+
+
+class BenchSource(FrameSource, Protocol):
+    """A camera of the bench: a real ``Source`` (decoder child) or a ``SyntheticSource``."""
+
+    state: CameraState
+
+    @property
+    def connection(self) -> mpc.Connection | None:
+        """The pipe to wait on, if any."""
+        ...
+
+    def drain(self) -> None:
+        """Read what the decoder sent."""
+        ...
+
+    def check(self, now: float) -> None:
+        """Watchdog."""
+        ...
 
 
 @dataclass
@@ -55,7 +74,7 @@ class BenchLoop:
     def __init__(
         self,
         settings: Settings,
-        sources: list[Source],
+        sources: Sequence[BenchSource],
         detector: Detector,
         metrics: Metrics,
         recorder: Recorder,

@@ -26,7 +26,7 @@ from monitor.bench.load import (
     random_init_weights,
     synthetic_frames,
 )
-from monitor.bench.loop import STAGES, BenchLoop, Recorder, sample_gpu
+from monitor.bench.loop import STAGES, BenchLoop, BenchSource, Recorder, sample_gpu
 from monitor.bench.machine import check_shared_memory, cpu_usage, loadavg, machine_info, process_tree_cpu
 from monitor.bench.naive import compare_naive
 from monitor.bench.options import BenchOptions
@@ -117,7 +117,7 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         recorder = Recorder()
         with ExitStack() as streams:
             if options.synthetic:
-                sources: list[Source] = [
+                sources: list[BenchSource] = [
                     streams.enter_context(
                         SyntheticSource(
                             name,
@@ -224,7 +224,7 @@ class _Window:
 def _run_window(
     settings: Settings,
     options: BenchOptions,
-    sources: list[Source],
+    sources: list[BenchSource],
     detector: Detector,
     metrics: Metrics,
     recorder: Recorder,
