@@ -798,10 +798,6 @@ class Settings(BaseSettings):
         """The detect fps of camera ``name``."""
         return self.cameras[name].detect.fps or self.detect.fps
 
-    def label_of(self, model_label: str) -> str:
-        """The label a model class is reported as, after ``model.labels``."""
-        return self.model.labels.get(model_label, model_label)
-
 
 class _TooDeep(yaml.YAMLError):
     """The file nests deeper than ``MAX_DEPTH``."""
