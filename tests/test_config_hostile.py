@@ -156,7 +156,7 @@ def test_ordinary_names_are_accepted_everywhere(tmp_path, name):
         f"    required_zones: [{quoted}]\n"
     )
     settings = load_settings(write(tmp_path, text))
-    assert settings.label_of("Normal") == name
+    assert settings.model.labels["Normal"] == name
     assert list(settings.cameras["gate"].zones) == [name]
 
 
