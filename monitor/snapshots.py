@@ -7,6 +7,8 @@ Used for event snapshots (MQTT, and the bounded on-disk store behind
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -16,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import supervision as sv
+
+logger = logging.getLogger(__name__)
 
 JPEG_QUALITY = 85
 #: What event ids look like (``<start time>-<hex>``); anything else never touches the disk.
@@ -84,6 +88,12 @@ def labels_of(detections: sv.Detections) -> list[str]:
 class SnapshotStore:
     """The latest snapshot of each event on disk, at most ``max_count`` files (oldest go first).
 
+    The store is a convenience behind the HTTP API, never on the alert path: a
+    disk that is full, read-only or out of descriptors makes ``save`` return
+    False (the event is still published, its MQTT snapshot too), logged once per
+    burst of failures and once when saving works again; ``problem`` says why
+    meanwhile. A folder that cannot be created or listed at start is the same.
+
     Args:
         directory: Where ``<event_id>.jpg`` files live; created if missing.
         max_count: Most files kept.
@@ -92,33 +102,89 @@ class SnapshotStore:
     def __init__(self, directory: Path, max_count: int) -> None:
         self.directory = directory
         self.max_count = max_count
-        directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._order: OrderedDict[str, None] = OrderedDict(
-            (p.stem, None) for p in sorted(directory.glob("*.jpg"), key=lambda p: p.stat().st_mtime)
-        )
+        self._order: OrderedDict[str, None] = OrderedDict()
+        #: Why the last save failed, while saves fail; None once one succeeds.
+        self.problem: str | None = None
+        self._failures = 0
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._order.update((stem, None) for stem in _oldest_first(directory))
+        except OSError as exc:
+            self._failed(f"snapshots.path {str(directory)!r} cannot be used: {_reason(exc)}")
 
-    def save(self, event_id: str, jpeg: bytes) -> None:
-        """Store (or replace) an event's snapshot, then drop the oldest beyond ``max_count``."""
+    def save(self, event_id: str, jpeg: bytes) -> bool:
+        """Store (or replace) an event's snapshot, then drop the oldest beyond ``max_count``.
+
+        Returns:
+            False when the disk refused it (logged; see ``problem``).
+
+        Raises:
+            ValueError: ``event_id`` is not an event id.
+        """
         path = self._path(event_id)
         temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(jpeg)
-        temporary.replace(path)  # readers never see half a file
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)  # gone, or never made at start
+            temporary.write_bytes(jpeg)
+            temporary.replace(path)  # readers never see half a file
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # half a JPEG would keep the disk full
+                temporary.unlink(missing_ok=True)
+            self._failed(f"cannot save the snapshot of {event_id} in {str(self.directory)!r}: {_reason(exc)}")
+            return False
         with self._lock:
             self._order[event_id] = None
             self._order.move_to_end(event_id)
             while len(self._order) > self.max_count:
                 oldest, _ = self._order.popitem(last=False)
-                self._path(oldest).unlink(missing_ok=True)
+                try:
+                    self._path(oldest).unlink(missing_ok=True)
+                except OSError as exc:  # left behind; the count stays bounded all the same
+                    logger.warning("cannot delete the old snapshot %s: %s", oldest, _reason(exc))
+            failures, self._failures = self._failures, 0
+            self.problem = None
+        if failures:
+            logger.warning("event snapshots are saved again after %d failure(s)", failures)
+        return True
 
     def load(self, event_id: str) -> bytes | None:
-        """An event's snapshot, or None."""
+        """An event's snapshot, or None (also when it cannot be read)."""
         try:
             return self._path(event_id).read_bytes()
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             return None
+
+    def _failed(self, problem: str) -> None:
+        """Log the first failure of a burst as an error, the rest at debug level."""
+        with self._lock:
+            first = self._failures == 0
+            self._failures += 1
+            self.problem = problem
+        if first:
+            logger.error(
+                "%s; events are still published (with their MQTT snapshot), further failures are "
+                "counted in monitor_snapshot_save_failures_total",
+                problem,
+            )
+        else:
+            logger.debug("%s", problem)
 
     def _path(self, event_id: str) -> Path:
         if not EVENT_ID.match(event_id):
             raise ValueError(f"not an event id: {event_id!r}")
         return self.directory / f"{event_id}.jpg"
+
+
+def _oldest_first(directory: Path) -> list[str]:
+    """Stems of the ``*.jpg`` files in ``directory``, oldest first (files gone meanwhile skipped)."""
+    found = []
+    for path in directory.glob("*.jpg"):
+        with contextlib.suppress(FileNotFoundError):
+            found.append((path.stat().st_mtime, path.stem))
+    return [stem for _, stem in sorted(found)]
+
+
+def _reason(exc: OSError) -> str:
+    """``[Errno 28] No space left on device``, without the file name (the message has it)."""
+    return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None else str(exc)

@@ -20,10 +20,22 @@ the oldest rows are dropped in the same transaction that adds new ones (or by
 Deletes after a PUBACK are committed with ``synchronous=NORMAL``: in WAL mode
 a later ``FULL`` commit syncs them too, and one lost to a power cut only
 means the message is sent once more (at-least-once), never that one is lost.
+
+The write-ahead log is bounded too, since every snapshot JPEG passes through
+it: SQLite copies it back into the database every ``WAL_AUTOCHECKPOINT_PAGES``
+pages (its default, 1000 pages, is 4 MiB: more than a small disk), truncates
+it to ``WAL_SIZE_LIMIT`` when it starts over, and to nothing when the spool
+drains (``compact``). So the files take what is pending, plus at most about
+``WAL_AUTOCHECKPOINT_PAGES`` pages and one transaction.
+
+A message that MQTT can never carry (a topic with a wildcard) is moved to
+the ``quarantine`` table (the last ``QUARANTINE_MAX`` are kept for a look
+with ``sqlite3``) instead of being replayed at every start.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -34,11 +46,22 @@ from typing import Literal
 
 from monitor.errors import PublishError
 
+logger = logging.getLogger(__name__)
+
 #: Defaults of ``spool.max_events`` and ``spool.max_age`` (seconds).
 DEFAULT_MAX_EVENTS = 10_000
 DEFAULT_MAX_AGE = 7 * 24 * 3600.0
+#: WAL pages (4 KiB) after which a commit copies the log back into the database (SQLite: 1000).
+WAL_AUTOCHECKPOINT_PAGES = 128
+#: Bytes the WAL file is truncated to when it starts over after a checkpoint.
+WAL_SIZE_LIMIT = 512 * 1024
+#: Least seconds between two truncations of the WAL when the spool drains (each one syncs).
+COMPACT_INTERVAL = 5.0
+#: Quarantined messages kept (the oldest go first).
+QUARANTINE_MAX = 100
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     topic TEXT NOT NULL,
@@ -47,7 +70,21 @@ CREATE TABLE IF NOT EXISTS messages (
     capture_time REAL,
     created REAL NOT NULL
 )
-"""
+""",
+    """
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    retain INTEGER NOT NULL,
+    capture_time REAL,
+    created REAL NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined REAL NOT NULL
+)
+""",
+    "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, written REAL NOT NULL)",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,14 +172,24 @@ class Spool:
         self._synchronous = initial
         self._lock = threading.Lock()
         self._closed = False
+        self._compacted = float("-inf")  # monotonic time of the last compact()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={initial}")
-            self._db.execute(_SCHEMA)
-            self._count = int(self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
         except (sqlite3.Error, OSError) as exc:
+            raise PublishError(f"spool.path {str(path)!r} cannot be used: {exc}") from exc
+        try:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":  # SQLite answers with the old mode when it cannot switch
+                raise sqlite3.OperationalError(f"cannot switch to WAL mode (still {mode})")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            self._db.execute(f"PRAGMA synchronous={initial}")
+            for statement in _SCHEMA:
+                self._db.execute(statement)
+            self._count = int(self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        except sqlite3.Error as exc:
+            self._db.close()
             raise PublishError(f"spool.path {str(path)!r} cannot be used: {exc}") from exc
 
     def __enter__(self) -> Spool:
@@ -238,11 +285,11 @@ class Spool:
                 return
             try:
                 self._db.execute(f"PRAGMA synchronous={wanted}")
+                self._synchronous = wanted
                 if wanted == "FULL":  # what was committed under NORMAL reaches the disk now
                     self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
                 raise PublishError(f"cannot change the spool's durability: {exc}") from exc
-            self._synchronous = wanted
 
     def remove(self, message_id: int) -> bool:
         """Forget an acknowledged message; False when it was no longer there (dropped).
@@ -263,16 +310,102 @@ class Spool:
             except sqlite3.Error as exc:
                 raise PublishError(f"cannot delete from the spool {str(self.path)!r}: {exc}") from exc
             self._count -= int(removed)
+            if self._count == 0 and time.monotonic() - self._compacted >= COMPACT_INTERVAL:
+                self._compact()
         return removed
 
-    def pending(self, after: int = 0, limit: int = -1) -> list[Message]:
-        """Stored messages with an id above ``after``, oldest first, at most ``limit`` (-1: all)."""
+    def compact(self) -> None:
+        """Copy the WAL back into the database and truncate it, when nothing is pending.
+
+        Raises:
+            PublishError: The checkpoint failed (a full disk: the database cannot grow).
+        """
+        with self._lock:
+            if self._closed or self._count:
+                return
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                raise PublishError(f"cannot checkpoint the spool {str(self.path)!r}: {exc}") from exc
+            self._compacted = time.monotonic()
+
+    def _compact(self) -> None:
+        """``compact`` with the lock held, after the spool drained; a failure waits for the next drain."""
+        self._compacted = time.monotonic()
+        try:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            logger.debug("cannot truncate the spool's WAL: %s", exc)
+            return
+        if busy:
+            logger.debug("the spool's WAL was busy; truncated at the next drain")
+
+    def quarantine(self, message_id: int, reason: str) -> bool:
+        """Move a message that can never be sent out of the queue; False when it was no longer there.
+
+        The newest ``QUARANTINE_MAX`` quarantined messages are kept, with the reason.
+
+        Raises:
+            PublishError: The spool cannot be written (the message stays queued).
+        """
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                moved = self._db.execute(
+                    "INSERT INTO quarantine (id, topic, payload, retain, capture_time, created, reason,"
+                    " quarantined) SELECT id, topic, payload, retain, capture_time, created, ?, ?"
+                    " FROM messages WHERE id = ?",
+                    (reason, self._clock(), message_id),
+                ).rowcount
+                self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+                self._db.execute(
+                    "DELETE FROM quarantine WHERE id NOT IN"
+                    " (SELECT id FROM quarantine ORDER BY id DESC LIMIT ?)",
+                    (QUARANTINE_MAX,),
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise PublishError(f"cannot quarantine spool row {message_id}: {exc}") from exc
+            self._count -= int(moved > 0)
+        return moved > 0
+
+    def quarantined(self) -> list[tuple[Message, str]]:
+        """The quarantined messages, oldest first, each with the reason it could not be sent."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, topic, payload, retain, capture_time FROM messages WHERE id > ?"
-                " ORDER BY id LIMIT ?",
-                (after, limit),
+                "SELECT id, topic, payload, retain, capture_time, reason FROM quarantine ORDER BY id"
             ).fetchall()
+        return [(Message(r[0], r[1], bytes(r[2]), bool(r[3]), r[4]), r[5]) for r in rows]
+
+    def probe(self) -> None:
+        """Commit one small write, to tell whether the spool can be written again.
+
+        Raises:
+            PublishError: It cannot (a full or read-only disk).
+        """
+        with self._lock:
+            try:
+                self._db.execute("INSERT OR REPLACE INTO probe (id, written) VALUES (1, ?)", (self._clock(),))
+            except sqlite3.Error as exc:
+                raise PublishError(f"cannot write to the spool {str(self.path)!r}: {exc}") from exc
+
+    def pending(self, after: int = 0, limit: int = -1) -> list[Message]:
+        """Stored messages with an id above ``after``, oldest first, at most ``limit`` (-1: all).
+
+        Raises:
+            PublishError: The spool cannot be read.
+        """
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT id, topic, payload, retain, capture_time FROM messages WHERE id > ?"
+                    " ORDER BY id LIMIT ?",
+                    (after, limit),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise PublishError(f"cannot read the spool {str(self.path)!r}: {exc}") from exc
         return [Message(r[0], r[1], bytes(r[2]), bool(r[3]), r[4]) for r in rows]
 
     def count(self) -> int:
@@ -280,9 +413,12 @@ class Spool:
         return self._count
 
     def oldest_age(self) -> float:
-        """Seconds since the oldest stored message was written; 0 when empty (or closed)."""
+        """Seconds since the oldest stored message was written; 0 when empty (or closed), NaN unreadable."""
         with self._lock:
             if self._closed:
                 return 0.0
-            row = self._db.execute("SELECT created FROM messages ORDER BY id LIMIT 1").fetchone()
+            try:
+                row = self._db.execute("SELECT created FROM messages ORDER BY id LIMIT 1").fetchone()
+            except sqlite3.Error:  # read at scrape time: /metrics must still answer
+                return float("nan")
         return max(0.0, self._clock() - row[0]) if row is not None else 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -15,6 +17,7 @@ from monitor.settings import FilterSettings, ObjectsSettings, Settings
 from monitor.snapshots import ZONE_COLORS, SnapshotStore, encode_jpeg
 from monitor.sources import Frame
 from tests.conftest import TEST_LABELS
+from tests.test_full_disk import SmallDisk, small_disks
 
 HEIGHT, WIDTH = 120, 160
 BOX = [10.0, 10.0, 50.0, 90.0]
@@ -166,3 +169,47 @@ def test_snapshot_draws_the_cameras_zones(weights):
     assert (np.abs(plain).max(axis=1) < 20).all(), plain
     # The box and label are still there in both (same pixels inside the box's outline).
     assert np.abs(with_zone[10:90, 10:13].astype(int) - without[10:90, 10:13].astype(int)).max() < 30
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
+    yield from small_disks(tmp_path)
+
+
+EVENTS = [f"1700000000.{i:06d}-abcdef" for i in range(4)]
+JPEG = b"\xff\xd8" + bytes(60_000)
+
+
+def test_a_full_disk_neither_raises_nor_leaves_half_a_file_and_saving_resumes(small_disk, caplog):
+    disk = small_disk(512)
+    store = SnapshotStore(disk.path / "snapshots", max_count=10)
+    assert store.save(EVENTS[0], JPEG)
+    disk.fill()
+    caplog.set_level(logging.DEBUG, logger="monitor.snapshots")
+    assert not store.save(EVENTS[1], JPEG)
+    assert not store.save(EVENTS[2], JPEG)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, "one error per burst of failures"
+    assert "No space left on device" in errors[0].getMessage()
+    assert store.problem is not None
+    assert "No space left on device" in store.problem
+    assert sorted(p.name for p in store.directory.iterdir()) == [f"{EVENTS[0]}.jpg"], "half a file left"
+    assert store.load(EVENTS[0]) == JPEG  # what was saved is still served
+
+    disk.free()
+    caplog.clear()
+    assert store.save(EVENTS[3], JPEG)
+    assert store.problem is None
+    assert store.load(EVENTS[3]) == JPEG
+    assert any("saved again after 2 failure(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_snapshot_folder_that_cannot_be_made_is_reported_not_raised(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    store = SnapshotStore(blocker / "snapshots", max_count=10)
+    assert store.problem is not None
+    assert "snapshots.path" in store.problem
+    assert not store.save(EVENTS[0], JPEG)
+    assert store.load(EVENTS[0]) is None
+    assert [r.levelno for r in caplog.records if r.name == "monitor.snapshots"] == [logging.ERROR]

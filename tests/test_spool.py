@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
 
 from monitor.errors import PublishError
 from monitor.spool import Outgoing, Spool
+from tests.test_full_disk import SmallDisk, small_disks
 
 
 def test_messages_survive_reopening_in_order(tmp_path):
@@ -47,3 +52,91 @@ def test_auto_durability_follows_the_broker_connection(tmp_path):
         assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
     finally:
         db.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
+    yield from small_disks(tmp_path)
+
+
+#: Bytes of one snapshot in the WAL tests (the test clip's JPEGs are 40-70 KB).
+SNAPSHOT_BYTES = 100_000
+#: Most bytes the WAL may take: a quarter of the 2 MiB disk of the test (SQLite's default lets it
+#: grow to 4 MiB before copying it back).
+WAL_BOUND = 512 * 1024 + 2 * SNAPSHOT_BYTES
+
+
+def test_the_wal_stays_bounded_on_a_small_disk(small_disk):
+    """Snapshots pass through the WAL; on a 2 MiB disk it must never fill it, however many go by."""
+    disk = small_disk(2048)
+    path = disk.path / "spool.db"
+    wal = path.with_name("spool.db-wal")
+    largest_wal = least_free = None
+    with Spool(path, synchronous="AUTO") as spool:
+        spool.broker_connected(True)  # NORMAL, as while the broker acknowledges at once
+        for i in range(300):  # 60 MB through a 2 MiB disk
+            stored = spool.put(
+                [
+                    Outgoing("t/events", b"{}", False, 1.0),
+                    Outgoing("t/snap", os.urandom(SNAPSHOT_BYTES), True),
+                ]
+            )
+            size = wal.stat().st_size
+            largest_wal = max(largest_wal or 0, size)
+            least_free = min(least_free if least_free is not None else disk.available(), disk.available())
+            for message in stored.messages:
+                assert spool.remove(message.id), f"put {i}: row {message.id} vanished"
+        assert spool.count() == 0
+        spool.compact()
+        assert wal.stat().st_size == 0, "a drained spool keeps its WAL"
+    # 128 pages (4 KiB) between checkpoints, plus one transaction.
+    bound = WAL_BOUND
+    assert largest_wal is not None
+    assert largest_wal <= bound, f"the WAL reached {largest_wal} bytes (bound {bound})"
+    assert least_free is not None
+    assert least_free > 512 * 1024, f"only {least_free} bytes were left free"
+    print(f"largest WAL {largest_wal} B, least free {least_free} B of 2 MiB")  # noqa: T201
+
+
+def test_a_spool_on_a_full_disk_says_so_and_nothing_is_stored(small_disk):
+    disk = small_disk(1024)
+    with Spool(disk.path / "spool.db") as spool:
+        disk.fill()
+        with pytest.raises(PublishError, match="cannot write to the spool"):
+            spool.put([Outgoing("t/snap", bytes(SNAPSHOT_BYTES * 4), True)])
+        with pytest.raises(PublishError):
+            spool.probe()
+        assert spool.count() == 0
+        disk.free()
+        spool.probe()
+        assert spool.put([Outgoing("t/events", b"1")]).messages
+        assert spool.count() == 1
+
+
+def test_a_spool_cannot_be_created_on_a_full_disk(small_disk):
+    disk = small_disk(512)
+    disk.fill()
+    with pytest.raises(PublishError, match=r"spool\.path .* cannot be used"):
+        Spool(disk.path / "spool.db")  # and its connection is closed: no ResourceWarning
+    disk.free()
+    with Spool(disk.path / "spool.db") as spool:
+        assert spool.count() == 0
+
+
+def test_quarantine_moves_a_row_out_of_the_queue_and_keeps_the_newest(tmp_path, monkeypatch):
+    from monitor import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "QUARANTINE_MAX", 2)
+    with Spool(tmp_path / "spool.db") as spool:
+        rows = spool.put([Outgoing(f"t/bad+{i}", str(i).encode()) for i in range(3)]).messages
+        ok = spool.put([Outgoing("t/events", b"ok")]).messages
+        for row in rows:
+            assert spool.quarantine(row.id, "wildcard")
+        assert not spool.quarantine(rows[0].id, "again")  # no longer queued
+        assert [m.payload for m in spool.pending()] == [b"ok"]
+        assert spool.count() == 1
+        assert [(m.topic, reason) for m, reason in spool.quarantined()] == [
+            ("t/bad+1", "wildcard"),
+            ("t/bad+2", "wildcard"),
+        ]
+        assert ok[0].id > rows[-1].id
