@@ -1,6 +1,7 @@
 """The daemon: start the stages, run the pipeline loop, stop in reverse order.
 
-Start-up: spool -> publisher (connects in the background) -> HTTP ->
+Start-up: publisher (opens the spool, or runs degraded while the disk cannot
+take it; connects in the background) -> HTTP ->
 detector (load, warm up; then /readyz and systemd's READY=1) -> one decoder
 per camera. The loop waits on the decoders' pipes, lets each camera's
 watchdog act, takes the newest frame of every ready camera, runs them
@@ -134,7 +135,9 @@ class Daemon:
             load: Reads and validates the configuration again (raises ``ConfigError``).
 
         Raises:
-            MonitorError: A stage could not start (bad model file, port taken, spool unusable).
+            MonitorError: A stage could not start (bad model file, port taken). A spool
+                that cannot be opened is not one: the publisher runs degraded (events wait
+                in memory for their PUBACK) and tries the disk again.
         """
         self._reload_requested = reload or threading.Event()
         self._load = load
@@ -142,21 +145,21 @@ class Daemon:
         with ExitStack() as stack:
             publisher: Publisher | None = None
             if not self.serve_only:
-                spool = stack.enter_context(
-                    Spool(
-                        settings.spool.path,
-                        settings.spool.max_events,
-                        settings.spool.max_age,
-                        synchronous=SYNCHRONOUS[settings.spool.synchronous],
-                    )
-                )
+                spool = settings.spool
+
+                def open_spool() -> Spool:
+                    durability = SYNCHRONOUS[spool.synchronous]
+                    return Spool(spool.path, spool.max_events, spool.max_age, synchronous=durability)
+
                 instance = self.shard.instance_id if self.shard.count > 1 else None
-                publisher = stack.enter_context(Publisher(settings.mqtt, spool, self.metrics, instance))
+                # The publisher opens the spool, and on a full disk runs without it until it can.
+                publisher = stack.enter_context(Publisher(settings.mqtt, open_spool, self.metrics, instance))
                 self.health.mqtt_connected = lambda: publisher.connected
                 self.health.mqtt_error = lambda: publisher.last_error
             self.health.cameras = lambda: [s.status() for s in self.sources.values()]
             self._snapshots = SnapshotStore(settings.snapshots.path, settings.snapshots.max_count)
             self.health.snapshot = self._snapshots.load
+            self.health.degraded = lambda: self._degraded(publisher)
             requests = RequestQueue(settings.http.queue_size)
             stack.callback(requests.close, "the daemon is stopping")
             self.health.predict = requests.submit
@@ -190,6 +193,16 @@ class Daemon:
             logger.info("stopping")
             self._close_sources()  # decoders stop first; open events end after
 
+    def _degraded(self, publisher: Publisher | None) -> dict[str, str]:
+        """What runs in a reduced way, for /readyz: the spool and the snapshot store."""
+        degraded = {}
+        spool = publisher.degraded if publisher is not None else None
+        if spool is not None:
+            degraded["spool"] = f"{spool}; events wait in memory for their PUBACK"
+        if self._snapshots.problem is not None:
+            degraded["snapshots"] = self._snapshots.problem
+        return degraded
+
     def _add_camera(self, name: str, settings: Settings, model: str, publisher: Publisher) -> None:
         camera = settings.cameras[name]
         self.cameras[name] = CameraPipeline(name, settings, model, publisher.prefix, self.shard.instance_id)
@@ -220,6 +233,18 @@ class Daemon:
         except MonitorError as exc:
             logger.error("reload rejected, the running configuration stays: %s", exc)
             return
+        except Exception:  # whatever the new file holds, a reload never ends the daemon
+            logger.exception("reload failed unexpectedly, the running configuration stays")
+            return
+        try:
+            self._reconfigure(new, model, publisher)
+        except Exception:
+            logger.exception(
+                "reload failed while applying it; cameras started so far run, the others as before"
+            )
+
+    def _reconfigure(self, new: Settings, model: str, publisher: Publisher) -> None:
+        """Take a validated configuration: keep what needs a restart, restart cameras that changed."""
         old = self.settings
         fixed = [k for k in RESTART_SECTIONS if getattr(old, k) != getattr(new, k)]
         fixed_detect = [k for k in RESTART_DETECT_KEYS if getattr(old.detect, k) != getattr(new.detect, k)]
@@ -347,7 +372,7 @@ class Daemon:
             event = alert.event
             self.metrics.events.labels(event.camera, event.label, event.type).inc()
             if alert.snapshot is not None:
-                self._snapshots.save(event.event_id, alert.snapshot)
+                self._save_snapshot(event.event_id, alert.snapshot)
             logger.info(
                 "%s %s %s score=%.2f track=%d",
                 event.type,
@@ -357,8 +382,22 @@ class Daemon:
                 event.track_id,
                 extra={"camera": event.camera},
             )
-        if alerts:
+        if not alerts:
+            return
+        try:
             publisher.publish(alerts)
+        except Exception:  # it handles the spool's failures itself; anything else is a bug, not an exit
+            logger.exception("cannot publish %d event(s)", len(alerts))
+
+    def _save_snapshot(self, event_id: str, jpeg: bytes) -> None:
+        """Keep the snapshot for the HTTP API; a failure there never costs the event."""
+        try:
+            saved = self._snapshots.save(event_id, jpeg)  # logs a full disk itself, once per burst
+        except Exception:
+            logger.exception("cannot save the snapshot of %s", event_id)
+            saved = False
+        if not saved:
+            self.metrics.snapshot_save_failures.inc()
 
     def _end_open_events(self, publisher: Publisher) -> None:
         ended = [a for camera in self.cameras.values() for a in camera.rules.expire(float("inf"))]

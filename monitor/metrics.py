@@ -100,6 +100,32 @@ class Metrics:
             "Spooled messages the broker refused in its PUBACK (MQTT 5 only, e.g. denied by its ACL).",
             registry=r,
         )
+        self.spool_degraded = Gauge(
+            "monitor_spool_degraded",
+            "1 while the spool cannot be written (full or read-only disk): events are sent directly "
+            "and wait in memory for their PUBACK.",
+            registry=r,
+        )
+        self.spool_bypassed = Counter(
+            "monitor_spool_bypassed",
+            "Messages sent without the spool because it could not be written (held in memory instead).",
+            registry=r,
+        )
+        self.spool_bypass_dropped = Counter(
+            "monitor_spool_bypass_dropped",
+            "Messages held in memory (spool not writable) dropped past the memory bound before their PUBACK.",
+            registry=r,
+        )
+        self.spool_quarantined = Counter(
+            "monitor_spool_quarantined",
+            "Messages MQTT can never carry (e.g. a wildcard in the topic), taken out of the spool.",
+            registry=r,
+        )
+        self.snapshot_save_failures = Counter(
+            "monitor_snapshot_save_failures",
+            "Event snapshots the on-disk store could not write (the event is still published).",
+            registry=r,
+        )
         self.spool_oldest_age = Gauge(
             "monitor_spool_oldest_age_seconds",
             "Age of the oldest message in the spool; 0 when it is empty.",

@@ -28,6 +28,24 @@ sent again on the next start. MQTT 3.1.1 has no such code, and Mosquitto
 PUBACKs a publish its ACL denies like any other, so under 3.1.1 that message
 is deleted and lost: ``mqtt.protocol: "5"`` is the safer choice.
 
+When the spool cannot be written (a full or read-only disk, or a spool file
+that could not even be opened at start), nothing stops: events go to paho
+directly, still QoS 1, and wait in memory (at most ``HELD_MAX_BYTES``, plus
+the ``WINDOW`` in paho's hands) until their PUBACK; while the broker is away
+they stay out of paho's queue, which has no bound, and past the bound the
+oldest are dropped and counted in ``monitor_spool_bypass_dropped_total``.
+``monitor_spool_degraded`` is 1 and ``degraded`` says why (for ``/readyz``),
+with one log line when it starts and one when it ends. Every
+``SPOOL_RETRY`` seconds the disk is tried again; once a write succeeds, what
+is held in memory is written to the spool, in order, and the spool takes over.
+A PUBACK whose row cannot be deleted is retried then (until then the row
+would only be a duplicate at the next start).
+
+A message paho refuses outright (a topic with an MQTT wildcard, which a
+label like ``per+son`` makes) can never be sent: it is moved to the spool's
+quarantine table, logged and counted in ``monitor_spool_quarantined_total``,
+instead of being replayed at every start.
+
 Connection failures never raise: paho retries with backoff
 (``RECONNECT_MIN`` doubling to ``RECONNECT_MAX`` seconds) while events keep
 going to the spool. Each new kind of failure is logged once and kept in
@@ -47,6 +65,8 @@ import ssl
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -59,7 +79,7 @@ from monitor.errors import PublishError
 from monitor.metrics import Metrics
 from monitor.settings import MqttSettings, TlsSettings
 from monitor.sources import CameraStatus
-from monitor.spool import Message, Outgoing, Spool
+from monitor.spool import Message, Outgoing, Spool, Stored
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +91,17 @@ MAX_INFLIGHT = 100
 WINDOW = 2 * MAX_INFLIGHT
 #: Seconds between checks for messages older than ``spool.max_age``.
 TRIM_INTERVAL = 60.0
+#: Seconds between attempts to write to (or open) a spool that could not be written.
+SPOOL_RETRY = 5.0
+#: Most payload bytes held in memory while the spool cannot be written (about 300 snapshots).
+HELD_MAX_BYTES = 32 * 1024 * 1024
 CLOSE_POLL = 0.1
 #: MQTT 3.1.1 CONNACK 4/5 and MQTT 5 0x86/0x87: bad user name or password / not authorized.
 _UNAUTHORIZED = (4, 5, 0x86, 0x87)
 _SSL_LOCATION = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+#: Markers on the PUBACK queue: the broker connected (hand held messages over); degraded (retry timer).
+_CONNECTED = "connected"
+_WAKE = "wake"
 
 
 class Publisher:
@@ -85,15 +112,22 @@ class Publisher:
 
     Args:
         settings: The ``mqtt`` section.
-        spool: Where messages wait for their PUBACK.
+        spool: Where messages wait for their PUBACK; or a function that opens it, which
+            the publisher calls on entry and, while it fails, every ``SPOOL_RETRY`` seconds
+            (meanwhile it runs degraded), and whose spool it closes at the end.
         metrics: Latency, connection and spool metrics.
+        instance: The instance id when several daemons share the broker.
 
     Raises:
         PublishError: The TLS files cannot be loaded.
     """
 
     def __init__(
-        self, settings: MqttSettings, spool: Spool, metrics: Metrics, instance: str | None = None
+        self,
+        settings: MqttSettings,
+        spool: Spool | Callable[[], Spool],
+        metrics: Metrics,
+        instance: str | None = None,
     ) -> None:
         self.settings = settings
         self.prefix = settings.topic_prefix
@@ -105,16 +139,32 @@ class Publisher:
             if instance is not None
             else self.topic("available")
         )
-        self._spool = spool
+        self._spool: Spool | None = spool if isinstance(spool, Spool) else None
+        self._open_spool = None if isinstance(spool, Spool) else spool
         self._metrics = metrics
-        self._lock = threading.Lock()  # guards _inflight, _handed, _backlog and paho publish calls
-        self._publishing = threading.Lock()  # keeps spool order and hand-over order the same
+        # Guards _inflight, _handed, _skip, _backlog, the held messages, _degraded, _unremoved
+        # and paho publish calls.
+        self._lock = threading.Lock()
+        # Keeps spool order and hand-over order the same; taken before _lock.
+        self._publishing = threading.Lock()
         self._inflight: dict[int, Message] = {}
         self._handed = 0  # highest spool id given to paho
+        self._skip: set[int] = set()  # spool ids above _handed already in paho's hands
         self._backlog = False  # rows on disk not yet given to paho
+        # While the spool cannot be written: messages not yet acknowledged, by negative id
+        # (in order; those in paho's hands first), the ones not yet handed over, their bytes.
+        self._degraded: str | None = None
+        self._held: dict[int, Message] = {}
+        self._waiting: deque[Message] = deque()
+        self._held_bytes = 0
+        self._held_seq = 0
+        self._bypassed = self._bypass_dropped = 0  # in this degraded period, for the summary
+        self._unremoved: list[int] = []  # acknowledged rows whose delete failed
+        self._next_retry = 0.0  # monotonic time of the next attempt at the spool
         self._dropping = False
         self._burst_dropped = 0
-        self._acks: queue.SimpleQueue[tuple[int, float, ReasonCode] | None] = queue.SimpleQueue()
+        # PUBACKs (mid, time, reason), _CONNECTED after a connect, _WAKE, None to stop.
+        self._acks: queue.SimpleQueue[tuple[int, float, ReasonCode] | str | None] = queue.SimpleQueue()
         self._statuses: dict[str, bytes] = {}
         self._refused_topics: set[str] = set()
         self._connected = threading.Event()
@@ -170,7 +220,13 @@ class Publisher:
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> Publisher:
-        self._account_drops(self._spool.trim())
+        if self._spool is None:
+            self._try_open()
+        if self._spool is not None:
+            try:
+                self._account_drops(self._spool.trim())
+            except PublishError as exc:
+                self._degrade(str(exc))
         self._acker.start()
         try:
             # MQTT 5 has clean_start per connection where 3.1.1 has clean_session per client.
@@ -180,18 +236,20 @@ class Publisher:
             )
         except (OSError, ValueError) as exc:
             self._acks.put(None)  # ends the PUBACK thread
+            if self._open_spool is not None and self._spool is not None:
+                self._spool.close()
             raise PublishError(
                 f"cannot connect to MQTT {self.settings.host}:{self.settings.port}: {exc}"
             ) from exc
-        self._metrics.spool_oldest_age.set_function(self._spool.oldest_age)
+        self._metrics.spool_oldest_age.set_function(self._oldest_age)
         self._client.loop_start()
-        replay = self._spool.count()
+        replay = self._pending()
         if replay:
             logger.info("replaying %d spooled message(s)", replay)
         with self._lock:
             self._backlog = True
             self._fill()
-        self._metrics.spool_pending.set(self._spool.count())
+        self._metrics.spool_pending.set(self._pending())
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -203,7 +261,7 @@ class Publisher:
         with self._idle:
             while self._inflight and self._connected.is_set() and time.monotonic() < deadline:
                 self._idle.wait(CLOSE_POLL)  # woken by the last PUBACK; polls for a lost broker
-        left = self._spool.count()
+        left = self._pending()
         if left:
             logger.warning("%d message(s) not acknowledged at shutdown; they stay in the spool", left)
         if self._connected.is_set():
@@ -215,6 +273,18 @@ class Publisher:
         self._client.loop_stop()
         self._acks.put(None)
         self._acker.join(timeout=1.0)
+        if self._degraded is not None:  # a last try: what is held in memory survives on disk
+            self._retry_spool(hand_over=False)
+        with self._lock:
+            lost = len(self._held)
+        if lost:
+            logger.error(
+                "%d message(s) held in memory (the spool could not be written) were not acknowledged "
+                "at shutdown and are lost",
+                lost,
+            )
+        if self._open_spool is not None and self._spool is not None:
+            self._spool.close()
         # paho closes its wake-up socket pair only in Client.__del__. Our callbacks
         # refer back to us; dropping them lets that run as soon as we are dropped,
         # not whenever the garbage collector gets to the cycle (a ResourceWarning).
@@ -228,16 +298,33 @@ class Publisher:
 
     @property
     def in_flight(self) -> int:
-        """Spooled messages handed to paho and not yet acknowledged (at most ``WINDOW``)."""
+        """Messages handed to paho and not yet acknowledged (at most ``WINDOW``)."""
         with self._lock:
             return len(self._inflight)
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the spool cannot be written right now (messages wait in memory), or None."""
+        return self._degraded
+
+    @property
+    def held(self) -> int:
+        """Messages held in memory, not acknowledged, because the spool could not be written."""
+        with self._lock:
+            return len(self._held)
+
+    def _pending(self) -> int:
+        return self._spool.count() if self._spool is not None else 0
+
+    def _oldest_age(self) -> float:
+        return self._spool.oldest_age() if self._spool is not None else 0.0
 
     # -- publishing ----------------------------------------------------------
     def publish(self, alerts: list[Alert]) -> None:
         """Spool and send alerts: the event, and the snapshot of new events.
 
-        Raises:
-            PublishError: The spool cannot be written.
+        Never raises for the spool: one that cannot be written degrades to holding the
+        messages in memory until their PUBACK (see the module's docstring).
         """
         outgoing = []
         for alert in alerts:
@@ -249,16 +336,147 @@ class Publisher:
         if not outgoing:
             return
         with self._publishing:
-            stored = self._spool.put(outgoing)
+            stored = None
+            if self._degraded is None and self._spool is not None:
+                try:
+                    stored = self._spool.put(outgoing)
+                except PublishError as exc:
+                    self._degrade(str(exc))
             with self._lock:
-                if not self._backlog and len(self._inflight) + len(stored.messages) <= WINDOW:
+                if stored is None:
+                    self._hold(outgoing)
+                    self._fill()
+                elif not self._backlog and len(self._inflight) + len(stored.messages) <= WINDOW:
                     for message in stored.messages:
                         self._send(message)
                 else:
                     self._backlog = True
                     self._fill()
+        if stored is not None:
+            self._account_drops(stored.dropped)
+        self._metrics.spool_pending.set(self._pending())
+
+    def _hold(self, outgoing: list[Outgoing]) -> None:
+        """Keep messages the spool could not take in memory; the oldest go past the bound. Holds ``_lock``."""
+        for m in outgoing:
+            self._held_seq += 1
+            message = Message(-self._held_seq, m.topic, m.payload, m.retain, m.capture_time)
+            self._held[message.id] = message
+            self._waiting.append(message)
+            self._held_bytes += len(m.payload)
+        self._bypassed += len(outgoing)
+        self._metrics.spool_bypassed.inc(len(outgoing))
+        dropped = 0
+        # Those in paho's hands cannot be taken back; the oldest waiting go first.
+        while self._held_bytes > HELD_MAX_BYTES and self._waiting:
+            oldest = self._waiting.popleft()
+            del self._held[oldest.id]
+            self._held_bytes -= len(oldest.payload)
+            dropped += 1
+        if dropped:
+            first = self._bypass_dropped == 0
+            self._bypass_dropped += dropped
+            self._metrics.spool_bypass_dropped.inc(dropped)
+            logger.log(
+                logging.ERROR if first else logging.DEBUG,
+                "%d message(s) held in memory dropped (over %.1f MiB waiting for the broker while the "
+                "spool cannot be written); further ones are counted in "
+                "monitor_spool_bypass_dropped_total",
+                dropped,
+                HELD_MAX_BYTES / 2**20,
+            )
+
+    def _degrade(self, reason: str) -> None:
+        """The spool cannot be written: say so once, then hold messages in memory until it can."""
+        with self._lock:
+            first = self._degraded is None
+            self._degraded = reason
+            if first:
+                self._next_retry = time.monotonic() + SPOOL_RETRY
+                self._bypassed = self._bypass_dropped = 0
+        if not first:
+            logger.debug("the spool still cannot be written: %s", reason)
+            return
+        self._metrics.spool_degraded.set(1)
+        self._acks.put(_WAKE)  # the PUBACK thread may be asleep until the next trim: retries start now
+        logger.error(
+            "delivery guarantee degraded: %s; events now go to MQTT directly and wait in memory for "
+            "their PUBACK (at most %.1f MiB), so a crash or a long broker outage can lose them; "
+            "trying the spool again every %g s",
+            reason,
+            HELD_MAX_BYTES / 2**20,
+            SPOOL_RETRY,
+        )
+
+    def _try_open(self) -> None:
+        """Open the spool with the function given for it; degrade (or stay so) when that fails."""
+        assert self._open_spool is not None
+        try:
+            spool = self._open_spool()
+        except PublishError as exc:
+            self._degrade(str(exc))
+            return
+        self._spool = spool
+        if self._degraded is not None:
+            logger.info("the spool %s could be opened", spool.path)
+
+    def _retry_spool(self, hand_over: bool = True) -> None:
+        """Try the spool again: open it, finish failed deletes, write what memory holds, in order.
+
+        On success the spool takes over; messages already in paho's hands keep their place
+        (their PUBACK deletes the row written for them), the rest follow from the spool.
+        """
+        with self._publishing:
+            self._next_retry = time.monotonic() + SPOOL_RETRY
+            if self._spool is None:
+                self._try_open()
+            spool = self._spool
+            if spool is None:
+                return
+            with self._lock:
+                held = list(self._held.values())
+                unremoved = list(self._unremoved)
+            stored = Stored([], 0)
+            try:
+                for message_id in unremoved:
+                    spool.remove(message_id)
+                    with self._lock:
+                        self._unremoved.remove(message_id)
+                if held:
+                    stored = spool.put([Outgoing(m.topic, m.payload, m.retain, m.capture_time) for m in held])
+                else:
+                    spool.probe()
+            except PublishError as exc:
+                self._degrade(str(exc))
+                return
+            with self._lock:
+                if stored.messages:
+                    # The newest rows are kept when the batch alone is over max_events.
+                    kept = held[len(held) - len(stored.messages) :]
+                    rows = {m.id: row for m, row in zip(kept, stored.messages, strict=True)}
+                    for mid, message in self._inflight.items():
+                        row = rows.get(message.id)
+                        if row is not None:
+                            self._inflight[mid] = row
+                            self._skip.add(row.id)
+                self._held.clear()
+                self._waiting.clear()
+                self._held_bytes = 0
+                self._degraded = None
+                bypassed, dropped = self._bypassed, self._bypass_dropped
+                if hand_over:
+                    self._backlog = True
+                    self._fill()
         self._account_drops(stored.dropped)
-        self._metrics.spool_pending.set(self._spool.count())
+        self._metrics.spool_degraded.set(0)
+        self._metrics.spool_pending.set(self._pending())
+        logger.warning(
+            "delivery guarantee restored: the spool can be written again; %d message(s) went around it, "
+            "%d of them dropped from memory, %d written to it now",
+            bypassed,
+            dropped,
+            len(held),
+        )
 
     def publish_status(self, status: CameraStatus) -> None:
         """Publish a camera's state (retained); re-sent on every reconnect."""
@@ -278,33 +496,80 @@ class Publisher:
             self._client.publish(topic, b"", qos=1, retain=True)
 
     def _fill(self) -> None:
-        """Hand the oldest rows not yet in paho's hands over, up to ``WINDOW``. Holds ``_lock``."""
+        """Hand the oldest messages not yet in paho's hands over, up to ``WINDOW``. Holds ``_lock``.
+
+        Rows on disk go first, then messages held in memory (which are newer).
+        """
         room = WINDOW - len(self._inflight)
         if room <= 0:
             return
-        rows = self._spool.pending(after=self._handed, limit=room)
-        for message in rows:
-            self._send(message)
-        if len(rows) < room:
+        if self._backlog and self._spool is not None:
+            try:
+                rows = self._spool.pending(after=self._handed, limit=room)
+            except PublishError as exc:  # tried again at the next PUBACK or publish
+                logger.error("cannot read the spool's backlog: %s", exc)
+                return
+            for message in rows:
+                self._send(message)
+            if len(rows) < room:
+                self._backlog = False
+            room = WINDOW - len(self._inflight)
+        elif self._spool is None:
             self._backlog = False
+        # Held messages stay ours while the broker is away: paho would keep them without bound,
+        # here the oldest are dropped past HELD_MAX_BYTES. A connect hands them over.
+        while not self._backlog and self._waiting and room > 0 and self._connected.is_set():
+            self._hand(self._waiting.popleft())
+            room -= 1
 
     def _send(self, message: Message) -> None:
-        # Called with _lock held, so the PUBACK thread cannot see the mid
-        # before it is recorded. paho never calls back into us with it held.
+        """Hand a spool row to paho, once. Holds ``_lock``."""
         if message.id <= self._handed:
             return  # already handed over by _fill
         self._handed = message.id
+        if message.id in self._skip:  # written from memory while paho already had it
+            self._skip.discard(message.id)
+            return
+        self._hand(message)
+
+    def _hand(self, message: Message) -> None:
+        # Called with _lock held, so the PUBACK thread cannot see the mid
+        # before it is recorded. paho never calls back into us with it held.
         try:
             info = self._client.publish(message.topic, message.payload, qos=1, retain=message.retain)
-        except ValueError as exc:  # a topic or payload MQTT cannot carry
-            logger.error("MQTT cannot carry spool row %d: %s", message.id, exc)
+        except ValueError as exc:  # a topic or payload MQTT cannot carry, now or ever
+            self._quarantine(message, str(exc))
             return
         if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: queued by paho
             self._inflight[info.mid] = message
             if message.topic == self._events_topic:
                 self._send_category_copy(message)
             return
-        logger.error("MQTT publish of spool row %d failed: %s", message.id, mqtt.error_string(info.rc))
+        logger.error("MQTT publish of message %d failed: %s", message.id, mqtt.error_string(info.rc))
+
+    def _quarantine(self, message: Message, reason: str) -> None:
+        """Take a message MQTT will never carry out of the queue, so it blocks nothing. Holds ``_lock``."""
+        self._metrics.spool_quarantined.inc()
+        where = "held in memory"
+        if message.id < 0:
+            held = self._held.pop(message.id, None)
+            if held is not None:
+                self._held_bytes -= len(held.payload)
+        elif self._spool is not None:
+            try:
+                self._spool.quarantine(message.id, reason)
+                where = "moved to the spool's quarantine table"
+            except PublishError as exc:  # deleted with the failed deletes once the disk works
+                self._unremoved.append(message.id)
+                where = f"to be deleted from the spool ({exc})"
+        logger.error(
+            "MQTT cannot carry message %d on topic %r: %s; it is dropped (%s), further messages are "
+            "not held up, and monitor_spool_quarantined_total counts it",
+            message.id,
+            message.topic,
+            reason,
+            where,
+        )
 
     def _send_category_copy(self, message: Message) -> None:
         """The event again on ``P/<camera>/<category>``, riding on the event's spool row.
@@ -333,8 +598,8 @@ class Publisher:
                 "spool limit reached (spool.max_events=%d, spool.max_age=%.0f s): dropped the %d oldest "
                 "message(s); further drops are counted in monitor_spool_dropped_total and summed up "
                 "once the spool drains",
-                self._spool.max_events,
-                self._spool.max_age,
+                self._spool.max_events if self._spool is not None else 0,
+                self._spool.max_age if self._spool is not None else 0.0,
                 dropped,
             )
 
@@ -358,9 +623,10 @@ class Publisher:
         client.publish(self.available_topic, "online", qos=1, retain=True)
         for topic, payload in list(self._statuses.items()):
             client.publish(topic, payload, qos=1, retain=True)
-        self._spool.broker_connected(True)
+        self._broker_connected(True)
         self._connected.set()
         self._metrics.mqtt_connected.set(1)
+        self._acks.put(_CONNECTED)  # the PUBACK thread hands over what memory holds
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError:` around the TCP connect and
@@ -383,7 +649,7 @@ class Publisher:
         socket_error, self._socket_error = self._socket_error, None
         was = self._connected.is_set()
         self._connected.clear()
-        self._spool.broker_connected(False)
+        self._broker_connected(False)
         self._metrics.mqtt_connected.set(0)
         if was and reason.is_failure:
             self.last_error = f"disconnected: {reason}"
@@ -393,6 +659,15 @@ class Publisher:
                 self._failed(_describe_connect_error(socket_error))
             elif self.last_error is None:
                 self._failed(f"connection closed before the broker accepted it ({reason})")
+
+    def _broker_connected(self, connected: bool) -> None:
+        """Tell the spool (``synchronous=AUTO``); on paho's thread, so nothing may escape."""
+        if self._spool is None:
+            return
+        try:
+            self._spool.broker_connected(connected)
+        except PublishError as exc:  # a full disk: the checkpoint could not grow the database
+            logger.warning("%s; the spool keeps its previous durability", exc)
 
     def _failed(self, error: str) -> None:
         """Record why there is no connection; log each new reason once (paho retries on its own)."""
@@ -415,24 +690,37 @@ class Publisher:
     def _ack_loop(self) -> None:
         next_trim = time.monotonic() + TRIM_INTERVAL
         while True:
+            due = next_trim if self._degraded is None else min(next_trim, self._next_retry)
             try:
-                item = self._acks.get(timeout=max(0.0, next_trim - time.monotonic()))
+                item = self._acks.get(timeout=max(0.0, due - time.monotonic()))
             except queue.Empty:
-                next_trim = time.monotonic() + TRIM_INTERVAL
+                pass  # a tick: only the chores below
+            else:
+                if item is None:
+                    return
+                if item == _CONNECTED:
+                    with self._lock:
+                        self._fill()
+                elif isinstance(item, tuple):
+                    self._ack(*item)
+            # Checked after every PUBACK too, so a steady stream of them cannot starve these.
+            now = time.monotonic()
+            if now >= next_trim:
+                next_trim = now + TRIM_INTERVAL
                 self._trim()
-                continue
-            if item is None:
-                return
-            mid, when, reason = item
-            with self._lock:
-                message = self._inflight.pop(mid, None)
-                if message is None:
-                    continue  # availability or status: nothing spooled
-                if self._backlog:
-                    self._fill()
-                if not self._inflight:
-                    self._idle.notify_all()
-            self._acked(message, when, reason)
+            if self._degraded is not None and now >= self._next_retry:
+                self._retry_spool()
+
+    def _ack(self, mid: int, when: float, reason: ReasonCode) -> None:
+        with self._lock:
+            message = self._inflight.pop(mid, None)
+            if message is None:
+                return  # availability or status: nothing spooled
+            if self._backlog or self._waiting:
+                self._fill()
+            if not self._inflight:
+                self._idle.notify_all()
+        self._acked(message, when, reason)
 
     def _acked(self, message: Message, when: float, reason: ReasonCode) -> None:
         if reason.is_failure:  # MQTT 5 only, e.g. 0x87 when the ACL forbids the topic
@@ -440,14 +728,26 @@ class Publisher:
             return
         if message.capture_time is not None:
             self._metrics.alert_latency.observe(max(0.0, when - message.capture_time))
+        if message.id < 0:  # held in memory: delivered, nothing on disk
+            with self._lock:
+                held = self._held.pop(message.id, None)
+                if held is not None:
+                    self._held_bytes -= len(held.payload)
+            return
+        with self._lock:
+            self._skip.discard(message.id)
+        spool = self._spool
+        assert spool is not None  # rows come from it
         try:
-            self._spool.remove(message.id)
-        except PublishError:  # a failed delete only means a duplicate on the next start
-            logger.exception("cannot remove acknowledged spool row %d", message.id)
-        pending = self._spool.count()
+            spool.remove(message.id)
+        except PublishError as exc:  # delivered: the row is deleted once the spool can be written
+            with self._lock:
+                self._unremoved.append(message.id)
+            self._degrade(str(exc))
+        pending = spool.count()
         self._metrics.spool_pending.set(pending)
         with self._lock:
-            ended = self._dropping and pending <= self._spool.max_events // 2
+            ended = self._dropping and pending <= spool.max_events // 2
             if ended:
                 dropped, self._burst_dropped, self._dropping = self._burst_dropped, 0, False
         if ended:
@@ -473,14 +773,18 @@ class Publisher:
             reason,
             self.settings.username,
         )
-        self._metrics.spool_pending.set(self._spool.count())
+        self._metrics.spool_pending.set(self._pending())
 
     def _trim(self) -> None:
+        """Drop expired rows; truncate the WAL when the spool is empty. Skipped while degraded."""
+        if self._spool is None or self._degraded is not None:
+            return
         try:
             self._account_drops(self._spool.trim())
-        except PublishError:
-            logger.exception("cannot drop expired messages from the spool")
-        self._metrics.spool_pending.set(self._spool.count())
+            self._spool.compact()
+        except PublishError as exc:
+            logger.warning("cannot trim the spool: %s", exc)
+        self._metrics.spool_pending.set(self._pending())
 
 
 def _describe_tls_files(tls: TlsSettings, exc: Exception) -> str:

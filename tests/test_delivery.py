@@ -47,6 +47,7 @@ from tests.conftest import (
     make_event,
     wait_until,
 )
+from tests.test_full_disk import SmallDisk, small_disks
 
 #: How long the broker is down in the outage test (the issue asks for 30 s).
 OUTAGE = 30.0
@@ -869,6 +870,61 @@ def test_a_full_spool_drops_the_oldest_and_counts_them(tmp_path, broker, caplog)
         )
         assert metrics.registry.get_sample_value("monitor_spool_oldest_age_seconds") == 0
     assert "7 message(s) were dropped while it was full" in caplog.text
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
+    yield from small_disks(tmp_path)
+
+
+def test_while_the_spool_cannot_be_written_a_broker_outage_loses_only_what_overflows_memory(
+    small_disk, monkeypatch, durable_broker, durable_subscribers
+):
+    """A full disk and a broker outage at once: memory holds the newest, the rest is counted."""
+    snapshot = b"\xff\xd8" + bytes(100_000)
+    # Room for three new events with their snapshots, not four.
+    monkeypatch.setattr(publisher_module, "HELD_MAX_BYTES", 350_000, raising=False)
+    monkeypatch.setattr(publisher_module, "SPOOL_RETRY", 0.2, raising=False)
+    disk = small_disk(2048)
+    sub = DurableSubscriber(durable_broker.port, "t/events", "durable-full-disk")
+    durable_subscribers.append(sub)
+    durable_broker.stop()
+    metrics = Metrics()
+    sample = metrics.registry.get_sample_value
+    settings = MqttSettings(port=durable_broker.port, topic_prefix="t")
+    produced = [f"held-{i}" for i in range(6)]
+    with Spool(disk.path / "spool.db") as spool, Publisher(settings, spool, metrics) as publisher:
+        disk.fill()
+        for event_id in produced:
+            publisher.publish([Alert(make_event(event_id, "new"), snapshot, time.time())])
+        assert publisher.degraded is not None
+        assert publisher.in_flight == 0, "paho would keep them without bound while the broker is away"
+        assert publisher.held == 6  # the newest three events and their snapshots
+        assert sample("monitor_spool_bypassed_total") == 12
+        assert sample("monitor_spool_bypass_dropped_total") == 6
+
+        disk.free()  # space first: what memory holds goes to the spool, in order
+        wait_until(lambda: publisher.degraded is None, 10, "the spool to take over again")
+        assert publisher.held == 0
+        assert ids_and_topics(spool) == [
+            (event_id, topic) for event_id in produced[3:] for topic in ("t/events", "t/gate/deer/snapshot")
+        ]
+        durable_broker.start()
+        sub.wait_for_all(set(produced[3:]), 30)
+        wait_until(lambda: spool.count() == 0, 10, "the spool to empty")
+    assert list(dict.fromkeys(sub.received)) == produced[3:]
+    assert sample("monitor_spool_degraded") == 0
+
+
+def ids_and_topics(spool: Spool) -> list[tuple[str, str]]:
+    """(event_id, topic) of each spooled row; a snapshot row takes the event before it."""
+    rows = []
+    event_id = ""
+    for m in spool.pending():
+        if m.topic == "t/events":
+            event_id = json.loads(m.payload)["event_id"]
+        rows.append((event_id, m.topic))
+    return rows
 
 
 def test_messages_older_than_max_age_are_dropped(tmp_path):
