@@ -48,7 +48,6 @@ class Placement:
     """Where a frame sits in the network input.
 
     Attributes:
-        scale: Input pixels per frame pixel.
         left: Padding columns before the image.
         top: Padding rows before the image.
         width: Scaled image width.
@@ -57,7 +56,6 @@ class Placement:
         input_height: Height of the padded input this frame alone would need.
     """
 
-    scale: float
     left: int
     top: int
     width: int
@@ -76,7 +74,7 @@ def place(height: int, width: int, imgsz: int, stride: int, rect: bool) -> Place
     half_w, half_h = dw / 2, dh / 2
     left, right = round(half_w - 0.1), round(half_w + 0.1)
     top, bottom = round(half_h - 0.1), round(half_h + 0.1)
-    return Placement(scale, left, top, new_w, new_h, new_w + left + right, new_h + top + bottom)
+    return Placement(left, top, new_w, new_h, new_w + left + right, new_h + top + bottom)
 
 
 class Detector:
@@ -292,6 +290,7 @@ class Detector:
         self, raw: Any, placements: list[Placement], images: list[np.ndarray], conf: float
     ) -> list[sv.Detections]:
         from ultralytics.utils.nms import non_max_suppression
+        from ultralytics.utils.ops import scale_boxes
 
         kept = non_max_suppression(
             raw,
@@ -303,9 +302,13 @@ class Detector:
         results = []
         for boxes, p, image in zip(kept, placements, images, strict=True):
             array = boxes.float().cpu().numpy()
-            xyxy = array[:, :4].copy()
-            xyxy[:, [0, 2]] = ((xyxy[:, [0, 2]] - p.left) / p.scale).clip(0, image.shape[1])
-            xyxy[:, [1, 3]] = ((xyxy[:, [1, 3]] - p.top) / p.scale).clip(0, image.shape[0])
+            # Back to frame pixels as Ultralytics maps its own predictions (each side's own
+            # gain, as LetterBox rounds each side), clipped to the frame.
+            height, width = image.shape[:2]
+            gains = (p.height / height, p.width / width)
+            xyxy = np.asarray(
+                scale_boxes((0, 0), array[:, :4].copy(), (height, width), ratio_pad=(gains, (p.left, p.top)))
+            )
             class_id = array[:, 5].astype(int)
             results.append(
                 sv.Detections(

@@ -89,13 +89,21 @@ def test_empty_frame_gives_no_detections(detector):
     assert len(result) == 0
 
 
+@pytest.mark.parametrize("rect", [True, False])
 @pytest.mark.parametrize(
-    ("shape", "expected"),
-    [((576, 768), (416, 320)), ((720, 1280), (416, 256)), ((1080, 1080), (416, 416))],
+    "shape", [(576, 768), (720, 1280), (1080, 1080), (1080, 1920), (481, 641), (33, 1000), (1000, 33)]
 )
-def test_minimal_rectangle_like_ultralytics(shape, expected):
-    p = place(shape[0], shape[1], 416, 32, rect=True)
-    assert (p.input_width, p.input_height) == expected
+def test_placement_is_ultralytics_letterbox(shape, rect):
+    # A white frame through Ultralytics' own LetterBox: the input's size is its output's,
+    # and the picture sits where the pixels are not the padding grey.
+    from ultralytics.data.augment import LetterBox
+
+    out = LetterBox(new_shape=(416, 416), auto=rect, stride=32)(image=np.full((*shape, 3), 255, np.uint8))
+    rows, cols = np.nonzero(out[:, :, 0] != 114)
+    p = place(shape[0], shape[1], 416, 32, rect=rect)
+    assert (p.input_height, p.input_width) == out.shape[:2]
+    assert (p.top, p.left) == (rows.min(), cols.min())
+    assert (p.height, p.width) == (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
 
 
 def test_missing_weights_are_a_clear_error(tmp_path):
