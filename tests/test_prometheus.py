@@ -303,6 +303,9 @@ def test_alert_rules_fire_after_their_for_duration_and_only_on_their_condition(t
                     # a grows while the broker is away; b holds a steady backlog.
                     series("monitor_spool_pending", a, "0+5x30"),
                     series("monitor_spool_pending", b, "3x30"),
+                    # a's disk fills up at 5m and is freed at 9m; b's spool is never degraded.
+                    series("monitor_spool_degraded", a, "0x4 1x4 0x21"),
+                    series("monitor_spool_degraded", b, "0x30"),
                 ],
                 "alert_rule_test": [
                     alert("MonitorDown", "2m"),
@@ -315,6 +318,9 @@ def test_alert_rules_fire_after_their_for_duration_and_only_on_their_condition(t
                     alert("MonitorAlertLatencyHigh", "7m", a),
                     alert("MonitorSpoolGrowing", "10m"),
                     alert("MonitorSpoolGrowing", "12m", a),
+                    alert("MonitorSpoolDegraded", "6m"),
+                    alert("MonitorSpoolDegraded", "7m", a),
+                    alert("MonitorSpoolDegraded", "10m"),
                 ],
             },
             {
