@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import supervision as sv
 
 from monitor.alerts import Alert
 from monitor.camera import CameraPipeline
@@ -102,10 +103,10 @@ def run_replay(
     name = camera or next(iter(settings.cameras), REPLAY_CAMERA)
     if name == REPLAY_CAMERA and name not in settings.cameras:
         settings = settings.model_copy(update={"cameras": {name: CameraSettings(url=str(video))}})
-    cap = cv2.VideoCapture(str(video))
-    if not cap.isOpened():
-        raise SourceError(f"{video}: cannot open as a video")
-    native_fps = cap.get(cv2.CAP_PROP_FPS)
+    try:
+        native_fps = sv.VideoInfo.from_video_path(str(video)).fps
+    except Exception as exc:  # supervision raises a bare Exception for a file OpenCV cannot open
+        raise SourceError(f"{video}: cannot open as a video") from exc
     native_fps = native_fps if 0 < native_fps < 1000 else 25.0
     detector = detector or Detector(settings.model, settings.detect.max_batch)
     pipeline = CameraPipeline(name, settings, detector.label, "replay", None)
@@ -114,7 +115,7 @@ def run_replay(
     batch_size = settings.detect.max_batch
     alerts: list[Alert] = []
     pending: list[Frame] = []
-    index = analysed = 0
+    analysed = 0
     next_due = 0.0
     last_time = 0.0
 
@@ -123,25 +124,19 @@ def run_replay(
             alerts.extend(pipeline.process(found, frame))
         pending.clear()
 
-    try:
-        while True:
-            ok, image = cap.read()
-            if not ok:
-                break
-            t = index / native_fps
-            index += 1
-            if t + 1e-9 < next_due:
-                continue
-            next_due = max(next_due + period, t)
-            if size.width and size.height and image.shape[:2] != (size.height, size.width):
-                image = cv2.resize(image, (size.width, size.height), interpolation=cv2.INTER_AREA)
-            pending.append(Frame(name, analysed, t, np.ascontiguousarray(image)))
-            analysed += 1
-            last_time = t
-            if len(pending) == batch_size:
-                flush()
-    finally:
-        cap.release()
+    image: np.ndarray
+    for index, image in enumerate(sv.get_video_frames_generator(str(video))):
+        t = index / native_fps
+        if t + 1e-9 < next_due:
+            continue
+        next_due = max(next_due + period, t)
+        if size.width and size.height and image.shape[:2] != (size.height, size.width):
+            image = cv2.resize(image, (size.width, size.height), interpolation=cv2.INTER_AREA)
+        pending.append(Frame(name, analysed, t, np.ascontiguousarray(image)))
+        analysed += 1
+        last_time = t
+        if len(pending) == batch_size:
+            flush()
     if pending:
         flush()
     alerts.extend(pipeline.rules.expire(float("inf")))

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import supervision as sv
 import torch
 from pydantic import ValidationError
 
@@ -162,14 +163,11 @@ def clip_size(clip: Path) -> tuple[int, int]:
     Raises:
         SourceError: It cannot be read as a video.
     """
-    import cv2
-
-    cap = cv2.VideoCapture(str(clip))
     try:
-        ok, image = cap.read()
-    finally:
-        cap.release()
-    if not ok or image is None:
+        image = next(sv.get_video_frames_generator(str(clip)), None)
+    except Exception:  # supervision raises a bare Exception for a file OpenCV cannot open
+        image = None
+    if image is None:
         raise SourceError(f"{clip}: cannot read a frame (expected a video file OpenCV can decode)")
     return int(image.shape[1]), int(image.shape[0])
 
@@ -185,21 +183,17 @@ def clip_frames(clip: Path, count: int, size: tuple[int, int] | None) -> list[np
     import cv2
 
     frames: list[np.ndarray] = []
-    cap = cv2.VideoCapture(str(clip))
-    try:
-        while len(frames) < count:
-            ok, image = cap.read()
-            if not ok:
-                if not frames:
-                    raise SourceError(f"{clip}: no frame could be decoded")
-                cap.release()
-                cap = cv2.VideoCapture(str(clip))
-                continue
+    while len(frames) < count:  # once more from the start while the clip is too short
+        played = len(frames)
+        image: np.ndarray
+        for image in sv.get_video_frames_generator(str(clip)):
             if size is not None and (image.shape[1], image.shape[0]) != size:
                 image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
             frames.append(np.ascontiguousarray(image))
-    finally:
-        cap.release()
+            if len(frames) == count:
+                break
+        if len(frames) == played:
+            raise SourceError(f"{clip}: no frame could be decoded")
     return frames
 
 
