@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing.connection as mpc
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,12 +30,15 @@ from monitor.cluster import Shard, mine
 from monitor.detector import Detector
 from monitor.errors import MonitorError
 from monitor.metrics import Metrics
+from monitor.notify import SystemdNotifier, Watchdog, watchdog_interval
 from monitor.publisher import Publisher
 from monitor.scheduler import Request, RequestQueue, Scheduler
 from monitor.settings import Settings
 from monitor.snapshots import SnapshotStore
 from monitor.sources import CameraState, Frame, Source
 from monitor.spool import Spool
+
+__all__ = ["Daemon", "watchdog_interval"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ SYNCHRONOUS: dict[str, Literal["FULL", "NORMAL", "AUTO"]] = {
     "normal": "NORMAL",
     "auto": "AUTO",
 }
-#: Least seconds without a processed frame (with cameras online) before WATCHDOG=1 stops.
-STALL_GRACE = 10.0
 #: Uploaded pictures take at most 1/UPLOAD_SHARE of a batch next to camera frames.
 UPLOAD_SHARE = 4
 #: Seconds given to in-flight MQTT messages at shutdown.
@@ -58,30 +57,6 @@ SHUTDOWN_PUBLISH_TIMEOUT = 5.0
 RESTART_SECTIONS = ("model", "mqtt", "http", "spool", "snapshots", "log", "cluster")
 #: detect keys the detector and the loop read once at start (detect.fps applies on reload).
 RESTART_DETECT_KEYS = ("max_batch", "max_wait_ms", "max_age_ms")
-
-
-class SystemdNotifier:
-    """sd_notify(3) over ``$NOTIFY_SOCKET``; does nothing when not under systemd.
-
-    Args:
-        address: The socket path (``@`` for the abstract namespace), or None.
-    """
-
-    def __init__(self, address: str | None) -> None:
-        self._target: str | None = None
-        if address:
-            self._target = "\0" + address[1:] if address.startswith("@") else address
-
-    def notify(self, state: str) -> None:
-        """Send one state line, e.g. ``READY=1``; failures are logged, never raised."""
-        if self._target is None:
-            return
-        # A socket per message, as sd_notify(3) does: a few a minute, and nothing to close.
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(state.encode(), self._target)
-        except OSError as exc:
-            logger.warning("sd_notify %s failed: %s", state.split("=")[0], exc)
 
 
 class Daemon:
@@ -114,10 +89,7 @@ class Daemon:
         self.sources: dict[str, Source] = {}
         self.cameras: dict[str, CameraPipeline] = {}
         self._notifier = SystemdNotifier(notify_socket)
-        self._watchdog_interval = watchdog_interval
-        self._last_watchdog = 0.0
-        self._last_processed = time.monotonic()
-        self._processed = self._processed_at_watchdog = 0
+        self.watchdog = Watchdog(self._notifier, watchdog_interval, time.monotonic())
         #: True once start-up is over (READY=1 sent): a failure after that is a run-time failure.
         self.running = False
 
@@ -185,13 +157,18 @@ class Daemon:
                 )
                 for name in owned:
                     self._add_camera(name, settings, detector.label, publisher)
+            # The one way out, for a stop and for an error alike: this stack unwinds, this
+            # announcement first, then decoders stop, open events end, HTTP stops, and the
+            # publisher waits for PUBACKs and says offline.
+            stack.callback(self._announce_stop)
             self._notifier.notify("READY=1")
             self.running = True
             logger.info("running with %d camera(s)", len(self.sources))
             self._loop(stop, detector, publisher, requests)
-            self._notifier.notify("STOPPING=1")
-            logger.info("stopping")
-            self._close_sources()  # decoders stop first; open events end after
+
+    def _announce_stop(self) -> None:
+        self._notifier.notify("STOPPING=1")
+        logger.info("stopping")
 
     def _degraded(self, publisher: Publisher | None) -> dict[str, str]:
         """What runs in a reduced way, for /readyz: the spool and the snapshot store."""
@@ -303,7 +280,8 @@ class Daemon:
             self.metrics.loop_iterations.inc()
             if chores:
                 self._expire_tracks(publisher)
-                self._watchdog(now)
+                online = sum(1 for s in self.sources.values() if s.state is CameraState.ONLINE)
+                self.watchdog.tick(now, online, len(self.sources))
 
     def _expire_tracks(self, publisher: Publisher | None) -> None:
         """End the tracks of cameras that have gone quiet (those with frames end theirs as they go)."""
@@ -348,9 +326,7 @@ class Daemon:
         for name, seconds in timings.items():
             stage.labels(name).observe(seconds)
         self.metrics.batch_size.observe(len(images))
-        if frames:
-            self._last_processed = time.monotonic()
-            self._processed += len(frames)
+        self.watchdog.processed(len(frames), time.monotonic())
         for frame, found in zip(frames, detections[: len(frames)], strict=True):
             self.metrics.frames_processed.labels(frame.camera).inc()
             self.metrics.detect_latency.observe(max(0.0, done - frame.capture_time))
@@ -404,28 +380,6 @@ class Daemon:
         if ended:
             self._publish(ended, publisher)
 
-    def _watchdog(self, now: float) -> None:
-        if self._watchdog_interval is None or now - self._last_watchdog < self._watchdog_interval:
-            return
-        online = sum(1 for s in self.sources.values() if s.state is CameraState.ONLINE)
-        if not pipeline_healthy(now, online, self._last_processed, self._watchdog_interval):
-            logger.warning("cameras are online but no frame was processed lately: withholding WATCHDOG=1")
-            return
-        fps = (self._processed - self._processed_at_watchdog) / max(now - self._last_watchdog, 1e-9)
-        self._last_watchdog, self._processed_at_watchdog = now, self._processed
-        self._notifier.notify(
-            f"WATCHDOG=1\nSTATUS={online}/{len(self.sources)} cameras online, {fps:.1f} frames/s"
-        )
-
-
-def pipeline_healthy(now: float, online: int, last_processed: float, interval: float) -> bool:
-    """Whether the loop deserves ``WATCHDOG=1``: nothing to do, or frames processed within 2 intervals.
-
-    A loop that spins while online cameras' frames go unprocessed (a wedged
-    detector, a stuck GPU) is as dead as a frozen one: systemd should restart it.
-    """
-    return online == 0 or now - last_processed <= max(2 * interval, STALL_GRACE)
-
 
 def _at_least(detections: sv.Detections, conf: float) -> sv.Detections:
     """The detections scoring ``conf`` or more."""
@@ -433,13 +387,3 @@ def _at_least(detections: sv.Detections, conf: float) -> sv.Detections:
         return detections
     kept: sv.Detections = detections[detections.confidence >= conf]  # type: ignore[assignment]
     return kept
-
-
-def watchdog_interval(watchdog_usec: str | None, watchdog_pid: str | None) -> float | None:
-    """Seconds between ``WATCHDOG=1`` pings from systemd's variables, or None when not asked."""
-    if not watchdog_usec or (watchdog_pid and watchdog_pid != str(os.getpid())):
-        return None
-    try:
-        return max(0.5, int(watchdog_usec) / 1e6 / 2)
-    except ValueError:
-        return None

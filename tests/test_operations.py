@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from monitor.cli import main
-from monitor.daemon import STALL_GRACE, Daemon, pipeline_healthy
+from monitor.daemon import Daemon
 from monitor.errors import PublishError
+from monitor.notify import STALL_GRACE, pipeline_healthy
 from monitor.settings import load_settings
 from monitor.sources import CameraState, Source
 from tests.conftest import CLIP, base_config, free_port, wait_until
@@ -40,7 +41,7 @@ def test_watchdog_is_withheld_when_online_cameras_go_unprocessed(online, since_p
 
 
 def test_watchdog_ping_stops_while_an_online_cameras_frames_go_unprocessed(weights, tmp_path):
-    # The loop is alive (it calls _watchdog) but the detector has not returned for a
+    # The loop is alive (it calls watchdog.tick) but the detector has not returned for a
     # minute: the process runs, the pipeline does not, and systemd must get no ping.
     config_path = tmp_path / "monitor.yaml"
     config = base_config(weights, tmp_path, free_port(), free_port(), cameras={"a": {"url": str(CLIP)}})
@@ -49,7 +50,7 @@ def test_watchdog_ping_stops_while_an_online_cameras_frames_go_unprocessed(weigh
     notify_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(notify_path))
-        notify.setblocking(False)  # sd_notify is one sendto: a ping is queued before _watchdog returns
+        notify.setblocking(False)  # sd_notify is one sendto: a ping is queued before tick returns
 
         def pings() -> list[bytes]:
             received = []
@@ -69,12 +70,12 @@ def test_watchdog_ping_stops_while_an_online_cameras_frames_go_unprocessed(weigh
 
             wait_until(online, 30, "camera a online")
             now = time.monotonic()
-            daemon._last_processed = now - STALL_GRACE - 1
+            daemon.watchdog.last_processed = now - STALL_GRACE - 1
             for tick in range(3):  # several loop ticks, each past the watchdog interval
-                daemon._watchdog(now + tick)
+                daemon.watchdog.tick(now + tick, online=1, cameras=1)
             assert pings() == []
-            daemon._last_processed = now + 3  # a batch of frames went through
-            daemon._watchdog(now + 3)
+            daemon.watchdog.processed(4, now + 3)  # a batch of frames went through
+            daemon.watchdog.tick(now + 3, online=1, cameras=1)
             (ping,) = pings()
             assert ping.startswith(b"WATCHDOG=1\nSTATUS=1/1 cameras online")
 
