@@ -31,6 +31,7 @@ from monitor.detector import Detector
 from monitor.errors import MonitorError
 from monitor.metrics import Metrics
 from monitor.notify import SystemdNotifier, Watchdog, watchdog_interval
+from monitor.pipeline import PipelineStep, at_least
 from monitor.publisher import Publisher
 from monitor.scheduler import Request, RequestQueue, Scheduler
 from monitor.settings import Settings
@@ -164,6 +165,13 @@ class Daemon:
             self._notifier.notify("READY=1")
             self.running = True
             logger.info("running with %d camera(s)", len(self.sources))
+            self._step = PipelineStep(
+                detector,
+                self.cameras,
+                self.metrics,
+                settings.model.conf,
+                on_alerts=lambda alerts: self._publish(alerts, publisher) if publisher is not None else None,
+            )
             self._loop(stop, detector, publisher, requests)
 
     def _announce_stop(self) -> None:
@@ -276,7 +284,7 @@ class Daemon:
                 frames += self._fill(scheduler, frames, detect.max_wait_ms / 1000, waitables)
             uploads = requests.take(min(self._upload_share, self.settings.detect.max_batch - len(frames)))
             if frames or uploads:
-                self._process(frames, uploads, detector, publisher)
+                self._process(frames, uploads)
             self.metrics.loop_iterations.inc()
             if chores:
                 self._expire_tracks(publisher)
@@ -306,38 +314,21 @@ class Daemon:
             more += scheduler.pick(self.sources.values(), reserve=len(frames) + len(more))
         return more
 
-    def _process(
-        self, frames: list[Frame], uploads: list[Request], detector: Detector, publisher: Publisher | None
-    ) -> None:
-        timings: dict[str, float] = {}
-        floor = self.settings.model.conf
-        images = [f.image for f in frames] + [u.image for u in uploads]
+    def _process(self, frames: list[Frame], uploads: list[Request]) -> None:
+        def answer(found: list[sv.Detections]) -> None:
+            for upload, detections in zip(uploads, found, strict=True):
+                if upload.result.set_running_or_notify_cancel():
+                    upload.result.set_result(at_least(detections, upload.conf))
+
+        conf = min((u.conf for u in uploads), default=None)
         try:
-            detections = detector.detect(images, timings, conf=min([floor] + [u.conf for u in uploads]))
+            self._step.run(frames, [u.image for u in uploads], conf, on_pictures=answer)
         except Exception as exc:
             for upload in uploads:  # never leave an HTTP request hanging
-                upload.result.set_exception(RuntimeError(f"detection failed: {exc}"))
+                if not upload.result.done():
+                    upload.result.set_exception(RuntimeError(f"detection failed: {exc}"))
             raise
-        for upload, found in zip(uploads, detections[len(frames) :], strict=True):
-            if upload.result.set_running_or_notify_cancel():
-                upload.result.set_result(_at_least(found, upload.conf))
-        done = time.time()
-        stage = self.metrics.stage_duration
-        for name, seconds in timings.items():
-            stage.labels(name).observe(seconds)
-        self.metrics.batch_size.observe(len(images))
         self.watchdog.processed(len(frames), time.monotonic())
-        for frame, found in zip(frames, detections[: len(frames)], strict=True):
-            self.metrics.frames_processed.labels(frame.camera).inc()
-            self.metrics.detect_latency.observe(max(0.0, done - frame.capture_time))
-            steps: dict[str, float] = {}
-            alerts = self.cameras[frame.camera].process(_at_least(found, floor), frame, steps)
-            for name, seconds in steps.items():
-                stage.labels(name).observe(seconds)
-            if alerts and publisher is not None:
-                started = time.perf_counter()
-                self._publish(alerts, publisher)
-                stage.labels("publish").observe(time.perf_counter() - started)
 
     def _publish(self, alerts: list[Alert], publisher: Publisher) -> None:
         suppressed = [a for a in alerts if a.suppressed is not None]
@@ -379,11 +370,3 @@ class Daemon:
         ended = [a for camera in self.cameras.values() for a in camera.rules.expire(float("inf"))]
         if ended:
             self._publish(ended, publisher)
-
-
-def _at_least(detections: sv.Detections, conf: float) -> sv.Detections:
-    """The detections scoring ``conf`` or more."""
-    if detections.confidence is None or len(detections) == 0:
-        return detections
-    kept: sv.Detections = detections[detections.confidence >= conf]  # type: ignore[assignment]
-    return kept

@@ -64,6 +64,27 @@ class Placement:
     input_height: int
 
 
+@dataclass(frozen=True, slots=True)
+class BatchTimings:
+    """Seconds one batch spent in each of the detector's stages (zero when not measured)."""
+
+    preprocess: float
+    inference: float
+    postprocess: float
+
+    def stages(self) -> dict[str, float]:
+        """``{stage: seconds}`` under the names of ``monitor_stage_duration_seconds{stage=...}``."""
+        return {"preprocess": self.preprocess, "inference": self.inference, "postprocess": self.postprocess}
+
+
+@dataclass(frozen=True, slots=True)
+class Detected:
+    """What one ``detect_timed`` call returns: a ``sv.Detections`` per image, in order, and the timings."""
+
+    detections: list[sv.Detections]
+    timings: BatchTimings
+
+
 def place(height: int, width: int, imgsz: int, stride: int, rect: bool) -> Placement:
     """Ultralytics' letterbox geometry for one frame (``LetterBox(auto=rect)``)."""
     scale = min(imgsz / height, imgsz / width)
@@ -193,14 +214,11 @@ class Detector:
             self.detect([frame] * size)
         return time.perf_counter() - start
 
-    def detect(
-        self, images: list[np.ndarray], timings: dict[str, float] | None = None, conf: float | None = None
-    ) -> list[sv.Detections]:
+    def detect(self, images: list[np.ndarray], conf: float | None = None) -> list[sv.Detections]:
         """Detect objects in frames of any sizes, in one forward pass.
 
         Args:
             images: HxWx3 uint8 BGR frames.
-            timings: If given, receives seconds per stage (preprocess, inference, postprocess).
             conf: Confidence floor for this call (default ``model.conf``). NMS never lets a
                 weaker box suppress a stronger one, so callers may filter higher afterwards.
 
@@ -208,28 +226,32 @@ class Detector:
             One ``sv.Detections`` per frame: xyxy in frame pixels, confidence,
             class_id, and ``data["class_name"]`` after ``model.labels``.
         """
+        return self._run(images, conf, timed=False).detections
+
+    def detect_timed(self, images: list[np.ndarray], conf: float | None = None) -> Detected:
+        """``detect``, and the seconds each stage took (on CUDA, synchronised between stages)."""
+        return self._run(images, conf, timed=True)
+
+    def _run(self, images: list[np.ndarray], conf: float | None, timed: bool) -> Detected:
         if not images:
-            return []
+            return Detected([], BatchTimings(0.0, 0.0, 0.0))
         clock = time.perf_counter
-        t0 = clock()
+        t0 = t1 = t2 = clock()
         with torch.inference_mode():
             batch, placements = self._preprocess(images)
-            if timings is not None:
+            if timed:
                 self._sync()
                 t1 = clock()
-                timings["preprocess"] = t1 - t0
             raw = self.backend(batch)
             if self.compiled and batch.shape[0] > len(images):  # drop the bucket's padding rows
                 raw = raw[0][: len(images)] if isinstance(raw, (list, tuple)) else raw[: len(images)]
-            if timings is not None:
+            if timed:
                 self._sync()
                 t2 = clock()
-                timings["inference"] = t2 - t1
             floor = self.settings.conf if conf is None else conf
             results = self._postprocess(raw, placements, images, floor)
-        if timings is not None:
-            timings["postprocess"] = clock() - t2
-        return results
+        t3 = clock() if timed else t2
+        return Detected(results, BatchTimings(t1 - t0, t2 - t1, t3 - t2))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

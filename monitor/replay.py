@@ -2,7 +2,7 @@
 
 Frames are taken at the camera's detect fps by their position in the video,
 detected in batches of ``detect.max_batch``, then tracked and judged one by
-one by the same ``CameraPipeline`` the daemon runs, so thresholds, zones,
+one by the daemon's own ``PipelineStep`` and ``CameraPipeline``, so thresholds, zones,
 masks, cooldowns and rate caps can be tuned on recorded footage without a
 broker. Event times are seconds into the video.
 """
@@ -23,6 +23,8 @@ from monitor.camera import CameraPipeline
 from monitor.detector import Detector
 from monitor.errors import SourceError
 from monitor.frames import Frame
+from monitor.metrics import Metrics
+from monitor.pipeline import PipelineStep
 from monitor.settings import CameraSettings, Settings
 
 REPLAY_CAMERA = "replay"
@@ -119,9 +121,11 @@ def run_replay(
     next_due = 0.0
     last_time = 0.0
 
+    # The daemon's own step, on batches of consecutive frames of the one camera (in order).
+    step = PipelineStep(detector, {name: pipeline}, Metrics(), settings.model.conf, on_alerts=alerts.extend)
+
     def flush() -> None:
-        for frame, found in zip(pending, detector.detect([f.image for f in pending]), strict=True):
-            alerts.extend(pipeline.process(found, frame))
+        step.run(pending)
         pending.clear()
 
     image: np.ndarray

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing.connection as mpc
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ from monitor.detector import Detector
 from monitor.frames import CameraState, Frame
 from monitor.metrics import STAGES as METRIC_STAGES
 from monitor.metrics import Metrics
+from monitor.pipeline import PipelineStep
 from monitor.scheduler import FrameSource, Scheduler
 from monitor.settings import Settings
 
@@ -60,6 +61,32 @@ class Recorder:
     gpu_samples: list[float] = field(default_factory=list)
     gpu_error: str | None = None
 
+    def batch(self, stages: Mapping[str, float], size: int) -> None:
+        """``StepObserver``: one forward pass."""
+        if self.on:
+            for name, seconds in stages.items():
+                self.stages[name].append(seconds)
+            self.batches.append(size)
+
+    def frame(
+        self, frame: Frame, detected_at: float, stages: Mapping[str, float], alerts: list[Alert]
+    ) -> None:
+        """``StepObserver``: one frame through its camera's stages."""
+        if not self.on:
+            return
+        for name, seconds in stages.items():
+            if name in self.stages:  # no publish stage here
+                self.stages[name].append(seconds)
+        self.to_detections.append(max(0.0, detected_at - frame.capture_time))
+        self.to_alerts.append(max(0.0, time.time() - frame.capture_time))
+        self.count(alerts)
+
+    def count(self, alerts: list[Alert]) -> None:
+        """Count events by type (silenced ones as ``suppressed``) while recording."""
+        if self.on:
+            for alert in alerts:
+                self.events["suppressed" if alert.suppressed else alert.event.type] += 1
+
 
 def sample_gpu(device: torch.device, recorder: Recorder) -> None:
     try:
@@ -69,7 +96,7 @@ def sample_gpu(device: torch.device, recorder: Recorder) -> None:
 
 
 class BenchLoop:
-    """The daemon's loop body (``Daemon._loop`` and ``_process``) without uploads or publishing."""
+    """The daemon's loop (``Daemon._loop``) around the daemon's ``PipelineStep``, without uploads or MQTT."""
 
     def __init__(
         self,
@@ -90,6 +117,15 @@ class BenchLoop:
             for name in settings.cameras
         }
         self.synthetic = [s for s in sources if isinstance(s, SyntheticSource)]
+        # The daemon's own step; events are counted (by the recorder), not published.
+        self.pipeline = PipelineStep(
+            detector,
+            self.cameras,
+            metrics,
+            settings.model.conf,
+            on_alerts=lambda alerts: None,
+            observer=recorder,
+        )
 
     def step(self) -> None:
         """Wait for frames, take the ready ones (round robin), detect, track, judge."""
@@ -106,43 +142,10 @@ class BenchLoop:
             source.check(now)
         frames = self.scheduler.pick(self.sources)
         if frames:
-            self._process(frames)
+            self.pipeline.run(frames)
         wall = time.time()
         seen = {f.camera for f in frames}
         for name, camera in self.cameras.items():
             if name not in seen:
-                self._count(camera.rules.expire(wall))
+                self.recorder.count(camera.rules.expire(wall))
         self.metrics.loop_iterations.inc()
-
-    def _process(self, frames: list[Frame]) -> None:
-        timings: dict[str, float] = {}
-        detections = self.detector.detect([f.image for f in frames], timings)
-        done = time.time()
-        rec = self.recorder
-        stage = self.metrics.stage_duration
-        for name, seconds in timings.items():
-            stage.labels(name).observe(seconds)
-            if rec.on:
-                rec.stages[name].append(seconds)
-        self.metrics.batch_size.observe(len(frames))
-        if rec.on:
-            rec.batches.append(len(frames))
-        for frame, found in zip(frames, detections, strict=True):
-            self.metrics.frames_processed.labels(frame.camera).inc()
-            self.metrics.detect_latency.observe(max(0.0, done - frame.capture_time))
-            steps: dict[str, float] = {}
-            alerts = self.cameras[frame.camera].process(found, frame, steps)
-            for name, seconds in steps.items():
-                stage.labels(name).observe(seconds)
-            self._count(alerts)
-            if rec.on:
-                for name, seconds in steps.items():
-                    rec.stages[name].append(seconds)
-                rec.to_detections.append(max(0.0, done - frame.capture_time))
-                rec.to_alerts.append(max(0.0, time.time() - frame.capture_time))
-
-    def _count(self, alerts: list[Alert]) -> None:
-        if not self.recorder.on:
-            return
-        for alert in alerts:
-            self.recorder.events["suppressed" if alert.suppressed else alert.event.type] += 1

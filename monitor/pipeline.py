@@ -1,0 +1,128 @@
+"""One step of the pipeline, the same in the daemon, ``monitor bench`` and ``monitor replay``.
+
+A step takes the frames the scheduler picked (and, in the daemon, uploaded
+pictures riding along), runs them through the detector in one batch, then
+each frame through its camera's stages (masks, ByteTrack, zones, alert
+rules), observing every stage in the metrics. What happens to the alerts is
+the caller's: the daemon publishes them, the bench counts them, replay keeps
+them. So the numbers the bench reports describe the daemon's own code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import supervision as sv
+
+from monitor.alerts import Alert
+from monitor.camera import CameraPipeline
+from monitor.detector import Detector
+from monitor.frames import Frame
+from monitor.metrics import Metrics
+
+
+class StepObserver(Protocol):
+    """Sees what a step measured (the bench records it; the daemon needs only the metrics)."""
+
+    def batch(self, stages: Mapping[str, float], size: int) -> None:
+        """One forward pass: seconds per detector stage, and the images in it."""
+        ...
+
+    def frame(
+        self, frame: Frame, detected_at: float, stages: Mapping[str, float], alerts: list[Alert]
+    ) -> None:
+        """One camera frame after its camera's stages.
+
+        Args:
+            frame: The frame.
+            detected_at: Wall-clock time its detections were ready.
+            stages: Seconds per stage (tracking, alerts, and publish when it raised alerts).
+            alerts: What it raised.
+        """
+        ...
+
+
+class PipelineStep:
+    """Detect a batch, then track and judge each frame; alerts go to ``on_alerts``.
+
+    Args:
+        detector: The model.
+        cameras: Each camera's stages after the detector, by name (the caller may change it).
+        metrics: Stage durations, batch sizes, processed frames and detection latency.
+        floor: ``model.conf``: detections below it never reach the cameras' stages.
+        on_alerts: Receives each frame's alerts (timed as the ``publish`` stage).
+        observer: Sees the measurements too.
+    """
+
+    def __init__(
+        self,
+        detector: Detector,
+        cameras: Mapping[str, CameraPipeline],
+        metrics: Metrics,
+        floor: float,
+        on_alerts: Callable[[list[Alert]], None],
+        observer: StepObserver | None = None,
+    ) -> None:
+        self.detector = detector
+        self.cameras = cameras
+        self.metrics = metrics
+        self.floor = floor
+        self.on_alerts = on_alerts
+        self.observer = observer
+
+    def run(
+        self,
+        frames: Sequence[Frame],
+        pictures: Sequence[np.ndarray] = (),
+        conf: float | None = None,
+        on_pictures: Callable[[list[sv.Detections]], None] | None = None,
+    ) -> None:
+        """Run one batch: ``frames`` through every stage, ``pictures`` through the detector only.
+
+        Args:
+            frames: Camera frames; several of one camera go through its stages in this order.
+            pictures: Other images for the same forward pass (uploads).
+            conf: The lowest confidence the pictures' callers want (below ``floor`` widens the pass).
+            on_pictures: Receives the pictures' detections (in order, at ``min(floor, conf)``)
+                as soon as the forward pass is done, before the frames' own stages.
+
+        Raises:
+            Exception: Whatever the detector raised (nothing of the frames was processed).
+        """
+        images = [f.image for f in frames] + list(pictures)
+        floor = self.floor if conf is None else min(self.floor, conf)
+        detected = self.detector.detect_timed(images, conf=floor)
+        done = time.time()
+        stage = self.metrics.stage_duration
+        batch_stages = detected.timings.stages()
+        for name, seconds in batch_stages.items():
+            stage.labels(name).observe(seconds)
+        self.metrics.batch_size.observe(len(images))
+        if self.observer is not None:
+            self.observer.batch(batch_stages, len(images))
+        if on_pictures is not None:
+            on_pictures(detected.detections[len(frames) :])
+        for frame, found in zip(frames, detected.detections, strict=False):
+            self.metrics.frames_processed.labels(frame.camera).inc()
+            self.metrics.detect_latency.observe(max(0.0, done - frame.capture_time))
+            steps: dict[str, float] = {}
+            alerts = self.cameras[frame.camera].process(at_least(found, self.floor), frame, steps)
+            if alerts:
+                started = time.perf_counter()
+                self.on_alerts(alerts)
+                steps["publish"] = time.perf_counter() - started
+            for name, seconds in steps.items():
+                stage.labels(name).observe(seconds)
+            if self.observer is not None:
+                self.observer.frame(frame, done, steps, alerts)
+
+
+def at_least(detections: sv.Detections, conf: float) -> sv.Detections:
+    """The detections scoring ``conf`` or more."""
+    if detections.confidence is None or len(detections) == 0:
+        return detections
+    kept: sv.Detections = detections[detections.confidence >= conf]  # type: ignore[assignment]
+    return kept
