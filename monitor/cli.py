@@ -22,9 +22,10 @@ from pathlib import Path
 from types import FrameType
 
 from monitor import __version__, cluster
+from monitor.configfile import load_settings
 from monitor.errors import ConfigError, MonitorError
 from monitor.logs import configure_logging
-from monitor.settings import LogSettings, Settings, load_settings
+from monitor.settings import LogSettings, Settings
 
 logger = logging.getLogger("monitor.cli")
 

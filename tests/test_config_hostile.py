@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from monitor.cli import main
+from monitor.configfile import load_settings
 from monitor.errors import ConfigError
-from monitor.settings import load_settings
 from tests.conftest import CLIP, base_config, free_port, wait_until
 
 MINIMAL = "model: {path: m.pt}\n"

@@ -33,10 +33,11 @@ from pydantic import SecretStr
 
 from monitor import publisher as publisher_module
 from monitor.alerts import Alert
+from monitor.configfile import load_settings
 from monitor.errors import ConfigError, PublishError
 from monitor.metrics import Metrics
 from monitor.publisher import Publisher
-from monitor.settings import MqttSettings, TlsSettings, load_settings
+from monitor.settings import MqttSettings, TlsSettings
 from monitor.spool import Outgoing, Spool
 from tests.conftest import (
     ROOT,

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from monitor.settings import load_settings
+from monitor.configfile import load_settings
 from tests.conftest import CLIP, base_config, free_port, wait_until
 
 #: Size of the file system under the daemon's spool and snapshots (both on it).

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from monitor.cluster import ClusterSettings, assign, resolve
-from monitor.settings import Settings, load_settings
+from monitor.configfile import load_settings
+from monitor.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from monitor.cli import main
+from monitor.configfile import load_settings
 from monitor.daemon import Daemon
 from monitor.errors import PublishError
 from monitor.notify import STALL_GRACE, pipeline_healthy
-from monitor.settings import load_settings
 from monitor.sources import CameraState, Source
 from tests.conftest import CLIP, base_config, free_port, wait_until
 

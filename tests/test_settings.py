@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from monitor.cli import main
+from monitor.configfile import load_settings
 from monitor.errors import ConfigError
-from monitor.settings import ObjectsSettings, load_settings
+from monitor.settings import ObjectsSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
