@@ -1,0 +1,352 @@
+"""The model commands of ``monitor``: predict, bench, and the model workflow (train, val, export).
+
+Each ``cmd_*`` takes the parsed arguments and returns an exit code, which
+``cli.py`` returns: ``cli.py`` is the entry point (``monitor.cli:main``), the
+only module that installs signal handlers or exits and, apart from the settings
+sources, the only one that reads the process environment. What touches the
+process comes from there: ``load`` reads a ``--config`` file with the process's
+credentials directory, and ``offline`` keeps Ultralytics off the network before
+it is imported. Torch and Ultralytics are imported inside the commands that
+need them.
+"""
+
+# The command line's own output (JSON lines, reports, paths) is printed on purpose.
+# ruff: noqa: T201
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from monitor.logs import configure_logging
+from monitor.settings import LogSettings, Settings
+
+#: Exit codes that commands return (``cli.py``'s docstring lists them all).
+EXIT_CONFIG = 2
+EXIT_STARTUP = 3
+
+#: Reads a ``--config`` file as ``cli.py`` does, or raises ConfigError.
+LoadSettings = Callable[[Path], Settings]
+#: Tells Ultralytics, through the process environment, never to download or install anything.
+Offline = Callable[[], None]
+
+
+def add_model_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], *, load: LoadSettings, offline: Offline
+) -> None:
+    """Add the predict, bench, train, val and export subcommands to ``sub``, in that order."""
+    _add_predict(sub).set_defaults(func=partial(cmd_predict, load=load, offline=offline))
+    _add_bench(sub).set_defaults(func=partial(cmd_bench, load=load, offline=offline))
+    train, val, export = _add_model_workflow(sub)
+    train.set_defaults(func=partial(cmd_train, offline=offline))
+    val.set_defaults(func=partial(cmd_val, offline=offline))
+    export.set_defaults(func=partial(cmd_export, offline=offline))
+
+
+def cmd_predict(args: argparse.Namespace, *, load: LoadSettings, offline: Offline) -> int:
+    """JSON lines like /predict for images, folders and videos; annotated copies with --save."""
+    offline()
+    import json
+
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from monitor.detector import Detector
+    from monitor.predict import annotated_name, count_inputs, iter_pictures, to_response
+    from monitor.settings import ModelSettings
+    from monitor.snapshots import Annotator, encode_jpeg, labels_of
+
+    base = load(args.config).model.model_dump() if args.config is not None else {"path": args.model}
+    if args.label:
+        base["labels"] = {**base.get("labels", {}), **dict(args.label)}
+    updates = {k: v for k, v in (("imgsz", args.imgsz), ("device", args.device)) if v is not None}
+    try:
+        # Validated like the config file (model_copy would not): --imgsz 100 is refused, not run.
+        model = ModelSettings.model_validate({**base, **updates})
+    except ValidationError as exc:
+        for error in exc.errors():
+            print(f"error: {_flag_of(error['loc'])}: {error['msg']}", file=sys.stderr)
+        return EXIT_CONFIG
+    total = count_inputs(args.paths, vid_stride=args.vid_stride)  # bad paths fail before the model loads
+    detector = Detector(model, max_batch=1)  # one picture per call
+    annotator = Annotator()
+    if args.save is not None:
+        args.save.mkdir(parents=True, exist_ok=True)
+    saved: set[str] = set()
+    pictures = iter_pictures(args.paths, vid_stride=args.vid_stride)
+    for picture in tqdm(pictures, total=total, unit="img", disable=None, file=sys.stderr):
+        (found,) = detector.detect([picture.image], conf=args.conf)
+        line = {"path": str(picture.path), **to_response(found).model_dump()}
+        if picture.frame is not None:
+            line["frame"] = picture.frame
+        print(json.dumps(line), flush=True)
+        if args.save is not None:
+            out = args.save / annotated_name(picture, saved)
+            out.write_bytes(encode_jpeg(annotator.draw(picture.image, found, labels_of(found))))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, *, load: LoadSettings, offline: Offline) -> int:
+    """The pipeline under a fixed load: throughput, drops, stage latencies, and a naive baseline."""
+    offline()
+    if not logging.getLogger().handlers:  # decoder restarts are worth seeing; keep a caller's handlers
+        configure_logging(LogSettings(level="WARNING"))
+    from pydantic import ValidationError
+
+    from monitor import bench  # torch loads here
+    from monitor.settings import ModelSettings
+
+    try:
+        if args.config is not None:
+            settings = load(args.config)
+        else:
+            settings = Settings(model=ModelSettings(path=args.model))
+        updates: dict[str, object] = {
+            k: v
+            for k, v in (("imgsz", args.imgsz), ("device", args.device), ("backend", args.backend))
+            if v is not None
+        }
+        if args.label:
+            updates["labels"] = {**settings.model.labels, **dict(args.label)}
+        model = ModelSettings.model_validate({**settings.model.model_dump(), **updates})
+        options = bench.BenchOptions(
+            streams=args.streams,
+            fps=tuple(args.fps),
+            clip=args.clip,
+            synthetic=args.synthetic,
+            width=args.width,
+            height=args.height,
+            max_batch=args.max_batch,
+            decoder=args.decoder,
+            duration=args.duration,
+            warmup=args.warmup,
+            compare_naive=args.compare_naive,
+            naive_frames=args.naive_frames,
+        )
+        report = bench.run_bench(settings.model_copy(update={"model": model}), options)
+    except ValidationError as exc:
+        for error in exc.errors():
+            print(f"error: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(report.to_json() if args.json else report.text())
+    return 0
+
+
+def _flag_of(loc: tuple[int | str, ...]) -> str:
+    """The command-line flag (``--imgsz``) or else the model.* key that a ModelSettings error is about."""
+    key = ".".join(map(str, loc))
+    flags = {"imgsz": "--imgsz", "device": "--device", "labels": "--label", "path": "--model"}
+    return flags.get(key, f"model.{key}")
+
+
+def _label_map(text: str) -> tuple[str, str]:
+    model_name, sep, new_name = text.partition("=")
+    if not sep or not model_name or not new_name:
+        raise argparse.ArgumentTypeError(f"expected MODEL_NAME=NEW_NAME, got {text!r}")
+    return model_name, new_name
+
+
+def cmd_train(args: argparse.Namespace, *, offline: Offline) -> int:
+    offline()
+    from monitor import training  # torch loads here
+
+    best = training.train(
+        args.data,
+        model=args.model,
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        device=args.device,
+        project=args.project,
+        name=args.name,
+    )
+    print(best)
+    print(training.model_card_path(best))
+    return 0
+
+
+def cmd_val(args: argparse.Namespace, *, offline: Offline) -> int:
+    offline()
+    from monitor import training  # torch loads here
+
+    report = training.validate(args.data, args.model, imgsz=args.imgsz, batch=args.batch, device=args.device)
+    print(report.to_json() if args.json else training.format_table(report))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, *, offline: Offline) -> int:
+    offline()
+    from monitor import training  # torch loads here
+
+    out = training.export(
+        args.model, args.format, imgsz=args.imgsz, dynamic=args.dynamic, half=args.half, batch=args.batch
+    )
+    print(out)
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    predict = sub.add_parser(
+        "predict",
+        help="detect objects in images, folders and videos; prints JSON lines like /predict",
+        description="Detect objects in pictures and print one JSON line per picture (or video frame) "
+        'in the /predict format, plus "path" (and "frame" for videos). Nothing is downloaded.',
+    )
+    predict.add_argument("paths", type=Path, nargs="+", help="images, folders (searched recursively), videos")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--config", "-c", type=Path, help="take model.* (path, imgsz, labels...) from this file"
+    )
+    source.add_argument("--model", type=Path, help="weights (.pt or an export)")
+    predict.add_argument("--label", type=_label_map, action="append", help="rename a class: Normal=person")
+    predict.add_argument("--imgsz", type=int, help="inference size (default: the config's, else 640)")
+    predict.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    predict.add_argument("--conf", type=float, default=0.25, help="lowest confidence (default: %(default)s)")
+    predict.add_argument("--vid-stride", type=int, default=1, help="every Nth video frame (default: 1)")
+    predict.add_argument("--save", type=Path, help="write annotated JPEG copies into this folder")
+    return predict
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    bench = sub.add_parser(
+        "bench",
+        help="measure the pipeline under N streams; optionally against Ultralytics' predict loop",
+        description="Run N streams (a clip looped in real time by the real decoder processes, or "
+        "in-process random frames with --synthetic) through the daemon's stages (scheduler, batched "
+        "detector, ByteTrack, alert rules; events are counted, not published) and print processed and "
+        "offered fps, drops, per-stage and capture-to-detection latency percentiles, batch sizes, CPU "
+        "and GPU use, and the machine. --compare-naive also times YOLO.predict per frame and batched, "
+        "and Detector.detect, on the same frames. A model given as an architecture (yolov8s.yaml) gets "
+        "random weights, saved to a temporary .pt both sides load. Nothing is downloaded.",
+    )
+    bench_model = bench.add_mutually_exclusive_group(required=True)
+    bench_model.add_argument(
+        "--config", "-c", type=Path, help="take model, detect and objects from this file (not its cameras)"
+    )
+    bench_model.add_argument(
+        "--model", type=Path, help="weights (.pt or an export), or an architecture such as yolov8s.yaml"
+    )
+    bench.add_argument("--label", type=_label_map, action="append", help="rename a class: Normal=person")
+    bench.add_argument("--imgsz", type=int, help="inference size (default: the config's, else 640)")
+    bench.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's, else auto)")
+    bench.add_argument(
+        "--backend",
+        choices=["auto", "torch", "openvino", "onnx"],
+        help="runtime of .pt weights (default: the config's, else auto: torch on CUDA, else OpenVINO)",
+    )
+    bench.add_argument("--streams", type=int, default=4, help="number of streams (default: %(default)s)")
+    bench.add_argument(
+        "--fps",
+        type=float,
+        nargs="+",
+        default=[15.0],
+        help="detect fps per stream; several values are cycled over the streams (default: 15); "
+        "a file stream cannot go faster than its clip",
+    )
+    bench.add_argument("--clip", type=Path, help="video for file streams (default: tests/data/vtest.mp4)")
+    bench.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random frames made in-process: no decoders (default 1280x720)",
+    )
+    bench.add_argument("--width", type=int, help="scale frames to this width (with --height)")
+    bench.add_argument("--height", type=int, help="scale frames to this height (with --width)")
+    bench.add_argument(
+        "--max-batch", type=int, help="frames per forward pass (default: the config's, else 16)"
+    )
+    bench.add_argument(
+        "--decoder",
+        choices=["auto", "cpu", "nvdec"],
+        default="auto",
+        help="file streams' decoder: nvdec needs PyNvVideoCodec and a GPU (default: %(default)s)",
+    )
+    bench.add_argument("--duration", type=float, default=30.0, help="seconds measured (default: %(default)s)")
+    bench.add_argument(
+        "--warmup", type=float, default=5.0, help="seconds run before measuring (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--compare-naive",
+        action="store_true",
+        help="also time Ultralytics' YOLO.predict (per frame, and batched) and Detector.detect "
+        "on the same frames",
+    )
+    bench.add_argument(
+        "--naive-frames", type=int, default=200, help="frames in that comparison (default: %(default)s)"
+    )
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    return bench
+
+
+def _add_model_workflow(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The train, val and export subcommands (Ultralytics, offline: nothing is downloaded)."""
+    no_download = (
+        "Nothing is downloaded: pretrained .pt weights must be a local path. "
+        "Set YOLO_VERBOSE=True to see Ultralytics' progress."
+    )
+    train = sub.add_parser(
+        "train",
+        help="train a detection model; prints best.pt and its model_card.json",
+        description="Train a YOLO detection model, write model_card.json next to best.pt, "
+        f"and print both paths. {no_download}",
+    )
+    train.add_argument("--data", type=Path, required=True, help="Ultralytics data set YAML")
+    train.add_argument(
+        "--model",
+        default="yolov8s.pt",
+        help="local pretrained .pt weights to fine-tune (no download), or an architecture "
+        "such as yolov8s.yaml for random initial weights (default: %(default)s)",
+    )
+    train.add_argument("--epochs", type=int, default=10, help="default: %(default)s")
+    _add_run_options(train)
+    train.add_argument(
+        "--project", type=Path, default=Path("runs/train"), help="runs directory (default: %(default)s)"
+    )
+    train.add_argument("--name", default="exp", help="run name, numbered when taken (default: %(default)s)")
+
+    val = sub.add_parser(
+        "val",
+        help="validate a model; prints the per-class table",
+        description="Validate weights on a data set's val split and print Ultralytics' per-class table. "
+        + no_download,
+    )
+    val.add_argument("--data", type=Path, required=True, help="Ultralytics data set YAML")
+    val.add_argument("--model", type=Path, required=True, help="local weights (.pt or an export)")
+    _add_run_options(val)
+    val.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+    export = sub.add_parser(
+        "export",
+        help="export a model for the daemon; prints the exported path",
+        description=f"Export .pt weights next to themselves and print the exported path. {no_download}",
+    )
+    export.add_argument("--model", type=Path, required=True, help="local .pt weights")
+    export.add_argument("--format", required=True, choices=["onnx", "openvino", "engine"])
+    export.add_argument("--imgsz", type=int, default=416, help="multiple of 32 (default: %(default)s)")
+    export.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="largest batch of a dynamic TensorRT engine, the daemon's detect.max_batch "
+        "(default: %(default)s)",
+    )
+    export.add_argument(
+        "--no-dynamic",
+        dest="dynamic",
+        action="store_false",
+        help="fixed batch and size (the daemon's model.imgsz must then equal --imgsz)",
+    )
+    export.add_argument("--half", action="store_true", help="fp16 weights (onnx and engine need CUDA)")
+    return train, val, export
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """``--imgsz``, ``--batch`` and ``--device``, as train and val take them."""
+    parser.add_argument("--imgsz", type=int, default=416, help="multiple of 32 (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=16, help="default: %(default)s")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
