@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 from monitor.logs import configure_logging
+from monitor.model_reports import format_table, model_card_path
 from monitor.settings import LogSettings, Settings
 
 #: Exit codes that commands return (``cli.py``'s docstring lists them all).
@@ -165,7 +166,7 @@ def cmd_train(args: argparse.Namespace, *, offline: Offline) -> int:
         name=args.name,
     )
     print(best)
-    print(training.model_card_path(best))
+    print(model_card_path(best))
     return 0
 
 
@@ -174,7 +175,7 @@ def cmd_val(args: argparse.Namespace, *, offline: Offline) -> int:
     from monitor import training  # torch loads here
 
     report = training.validate(args.data, args.model, imgsz=args.imgsz, batch=args.batch, device=args.device)
-    print(report.to_json() if args.json else training.format_table(report))
+    print(report.to_json() if args.json else format_table(report))
     return 0
 
 

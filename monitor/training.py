@@ -4,7 +4,8 @@ Each function wraps one Ultralytics call (``YOLO(...).train``, ``.val``,
 ``.export``) for the ``monitor train``, ``monitor val`` and ``monitor export``
 commands. Whatever Ultralytics raises comes back as a ``MonitorError``: a
 ``DetectorError`` when the model cannot be found or loaded, a
-``TrainingError`` when the data set or the run itself fails.
+``TrainingError`` when the data set or the run itself fails. What they hand
+back (the model card, the validation table) is in ``monitor.model_reports``.
 
 Nothing here downloads: pretrained ``.pt`` weights must be a local file, and a
 missing one fails before Ultralytics would try to fetch it by name. A model
@@ -14,18 +15,15 @@ given as a YAML architecture (``yolov8s.yaml``) starts from random weights.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from monitor.errors import DetectorError, MonitorError
+from monitor.model_reports import ModelCard, ValReport, ValRow, model_card_path
 from monitor.runtime import resolve_device, sha256_of
 
 if TYPE_CHECKING:
@@ -33,118 +31,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODEL_CARD = "model_card.json"
 STRIDE = 32  # YOLOv8's largest stride: input sizes are multiples of it
 ARCHITECTURE_SUFFIXES = (".yaml", ".yml")
 ExportFormat = Literal["onnx", "openvino", "engine"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = ("onnx", "openvino", "engine")
-_TABLE_NAME = "%22s"
-_TABLE_HEADER = _TABLE_NAME + "%11s" * 6
-_TABLE_ROW = _TABLE_NAME + "%11i" * 2 + "%11.3g" * 4
 
 
 class TrainingError(MonitorError):
     """A data set is unusable, or a training, validation or export run failed."""
-
-
-class ModelCard(BaseModel):
-    """What a trained ``best.pt`` is and how it came to be; written next to it as ``model_card.json``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    weights: str = Field(description="File name of the weights this card describes.")
-    weights_sha256: str = Field(description="SHA-256 of the weights file (as ``monitor.detector`` logs it).")
-    classes: list[str] = Field(description="Class names in class-id order.")
-    metrics: dict[str, float] = Field(description="precision, recall, mAP50, mAP50-95 on the val split.")
-    data: str = Field(description="The data set YAML trained on.")
-    data_sha256: str = Field(
-        description="SHA-256 over the data YAML and its train/val image and label files."
-    )
-    base_model: str = Field(description="Starting point: local .pt weights or a YAML architecture.")
-    epochs: int
-    imgsz: int
-    batch: int
-    ultralytics: str = Field(description="Ultralytics version that trained the model.")
-    created: datetime = Field(description="When training finished (UTC).")
-
-
-@dataclass(frozen=True, slots=True)
-class ValRow:
-    """One line of the validation table: one class, or ``all``.
-
-    Attributes:
-        name: Class name, or ``all`` for the whole split.
-        images: Images containing the class (all images for ``all``).
-        instances: Labelled boxes of the class.
-        precision: Box precision at the confidence of best F1.
-        recall: Box recall at that confidence.
-        map50: Mean average precision at IoU 0.5.
-        map50_95: Mean average precision over IoU 0.5 to 0.95.
-    """
-
-    name: str
-    images: int
-    instances: int
-    precision: float
-    recall: float
-    map50: float
-    map50_95: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """The row with Ultralytics' column names."""
-        return {
-            "class": self.name,
-            "images": self.images,
-            "instances": self.instances,
-            "precision": self.precision,
-            "recall": self.recall,
-            "mAP50": self.map50,
-            "mAP50-95": self.map50_95,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ValReport:
-    """The per-class table Ultralytics prints after validation.
-
-    Attributes:
-        model: The weights validated.
-        data: The data set YAML.
-        imgsz: Validation size.
-        rows: The ``all`` row first, then one per class that has labels in the val split.
-    """
-
-    model: str
-    data: str
-    imgsz: int
-    rows: tuple[ValRow, ...]
-
-    def to_json(self) -> str:
-        """The report as indented JSON, rows keyed by Ultralytics' column names."""
-        return json.dumps(
-            {
-                "model": self.model,
-                "data": self.data,
-                "imgsz": self.imgsz,
-                "rows": [row.to_dict() for row in self.rows],
-            },
-            indent=2,
-        )
-
-
-def format_table(report: ValReport) -> str:
-    """The report as Ultralytics' fixed-width table (Class Images Instances P R mAP50 mAP50-95)."""
-    lines = [_TABLE_HEADER % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")]
-    lines += [
-        _TABLE_ROW % (row.name, row.images, row.instances, row.precision, row.recall, row.map50, row.map50_95)
-        for row in report.rows
-    ]
-    return "\n".join(lines)
-
-
-def model_card_path(weights: Path) -> Path:
-    """Where the model card of ``weights`` lives."""
-    return weights.with_name(MODEL_CARD)
 
 
 def train(
