@@ -16,6 +16,8 @@ from monitor.names import TopicName
 
 
 class _Section(BaseModel):
+    """As every settings section: unknown keys are errors, and values cannot change."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
