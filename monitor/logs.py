@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from logging.handlers import SysLogHandler
 from typing import Any
@@ -82,6 +83,52 @@ class _JsonFormatter(logging.Formatter):
 
 #: Name of the handler ``configure_logging`` installs (it replaces any earlier one).
 HANDLER_NAME = "monitor-stderr"
+#: uvicorn's loggers: their records go through our handler like everyone's (``api.HttpServer``
+#: gives uvicorn no log configuration of its own).
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+#: Seconds without an accept error that end a burst of them (asyncio retries every second).
+ACCEPT_BURST_QUIET = 10.0
+
+
+class AcceptErrorFilter(logging.Filter):
+    """One line for a burst of asyncio's ``socket.accept() out of system resource``.
+
+    When the process is out of file descriptors, asyncio's accept loop logs that
+    error, with a traceback, on each of up to ``backlog`` (2048 in uvicorn) tries
+    per event-loop tick, and again every second: megabytes a minute. The first
+    record of a burst goes through, shortened to one line that says how many of
+    the last burst were left out; the rest are dropped until none came for
+    ``quiet`` seconds.
+    """
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self, quiet: float = ACCEPT_BURST_QUIET) -> None:
+        super().__init__()
+        self.quiet = quiet
+        self._last = -quiet
+        self._dropped = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith(self.MESSAGE):
+            return True
+        now = time.monotonic()
+        with self._lock:
+            in_burst = now - self._last < self.quiet
+            self._last = now
+            if in_burst:
+                self._dropped += 1
+                return False
+            dropped, self._dropped = self._dropped, 0
+        reason = record.exc_info[1] if record.exc_info else None
+        record.msg = (
+            "%s (%s): new connections wait; more such lines are left out until none came "
+            "for %g s (%d were left out in the burst before)"
+        )
+        record.args = (self.MESSAGE, reason, self.quiet, dropped)
+        record.exc_info = record.exc_text = None
+        return True
 
 
 def configure_logging(settings: LogSettings, journald: bool = False) -> None:
@@ -108,3 +155,12 @@ def configure_logging(settings: LogSettings, journald: bool = False) -> None:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("monitor").setLevel(settings.level)
+    for name in UVICORN_LOGGERS:
+        uvicorn_logger = logging.getLogger(name)
+        for old in list(uvicorn_logger.handlers):
+            uvicorn_logger.removeHandler(old)
+        uvicorn_logger.propagate = True
+    asyncio_logger = logging.getLogger("asyncio")
+    for old_filter in [f for f in asyncio_logger.filters if isinstance(f, AcceptErrorFilter)]:
+        asyncio_logger.removeFilter(old_filter)
+    asyncio_logger.addFilter(AcceptErrorFilter())
