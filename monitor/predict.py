@@ -22,18 +22,27 @@ import cv2
 import numpy as np
 import supervision as sv
 from pi_heif import register_heif_opener
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from monitor.errors import ConfigError, MonitorError
 
-#: Formats accepted for upload (Pillow's names).
-FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "HEIF")
+#: Formats accepted for upload (Pillow's names). MPO is a phone's multi-picture JPEG: its
+#: first picture is the photo.
+FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP", "TIFF", "HEIF")
+#: Pixels converted to BGR at a time: the strips keep the conversion's own copies small.
+_STRIP_PIXELS = 1 << 20
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".ts"}
 # Pillow's own bomb guard warns or raises at a fixed limit; ``decode_image`` applies
 # the configured one (http.max_pixels) from the header, before decoding.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow keeps a picture's pixels in blocks of at most 16 MiB; glibc serves those from
+# the calling thread's malloc arena and keeps them there once freed, so every HTTP worker
+# thread that once decoded a big picture held on to ~200 MB more (measured). Blocks above
+# glibc's largest mmap threshold (32 MiB) are mappings of their own, returned when freed.
+# Small pictures are unaffected: a block is never larger than the picture.
+Image.core.set_block_size(64 << 20)  # type: ignore[attr-defined]  # Pillow: not re-exported
 register_heif_opener()
 
 
@@ -68,7 +77,18 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
     Raises:
         ImageError: 415 not a picture or an unsupported format, 413 more than
-            ``max_pixels``, 422 corrupt or truncated.
+            ``max_pixels``, 422 corrupt, truncated or otherwise undecodable.
+    """
+    with open_image(data, max_pixels) as picture:
+        return picture.decode()
+
+
+def open_image(data: bytes, max_pixels: int) -> UploadedImage:
+    """Read an upload's header only: its format and size are checked, no pixel is decoded.
+
+    Raises:
+        ImageError: 415 not a picture or an unsupported format, 413 more than
+            ``max_pixels``, 422 an unreadable header.
     """
     if not data:
         raise ImageError(422, "the file is empty")
@@ -76,24 +96,114 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         picture = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError(415, f"not a picture: expected one of {', '.join(FORMATS)}") from None
-    except (OSError, ValueError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow's header parsers raise more than OSError on hostile files
         raise ImageError(422, f"unreadable picture: {exc}") from exc
-    with picture:
-        if picture.format not in FORMATS:
-            expected = ", ".join(FORMATS)
-            raise ImageError(415, f"unsupported format {picture.format}: expected one of {expected}")
-        width, height = picture.size
-        if width * height > max_pixels:
-            raise ImageError(
-                413, f"picture is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-            )
+    if picture.format not in FORMATS:
+        picture.close()
+        raise ImageError(415, f"unsupported format {picture.format}: expected one of {', '.join(FORMATS)}")
+    width, height = picture.size
+    if width * height > max_pixels:
+        picture.close()
+        raise ImageError(
+            413, f"picture is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    return UploadedImage(picture)
+
+
+class UploadedImage:
+    """An upload whose header passed ``open_image``; ``decode`` reads its pixels once.
+
+    A context manager: leaving it frees Pillow's copy of the pixels.
+    """
+
+    def __init__(self, picture: Image.Image) -> None:
+        self._picture = picture
+
+    @property
+    def format(self) -> str:
+        """Pillow's name of the format (``JPEG``, ``MPO``, ``PNG`` ...)."""
+        return str(self._picture.format)
+
+    @property
+    def pixels(self) -> int:
+        """Width times height, as the header declares them."""
+        width, height = self._picture.size
+        return width * height
+
+    def decode(self) -> np.ndarray:
+        """The picture as HxWx3 uint8 BGR, upright; a multi-picture file gives its first picture.
+
+        Memory: Pillow's decoded picture (4 bytes a pixel for RGB) plus the 3-byte
+        BGR result, converted strip by strip; no other full-size copy, except
+        one more of the result when the EXIF orientation turns or flips it.
+
+        Raises:
+            ImageError: 422 for anything the decoder fails on (corrupt, truncated,
+                or tags of the wrong type): what the client sent is at fault.
+        """
+        picture = self._picture
         try:
+            orientation = _orientation(picture)
             picture.load()
-            upright = ImageOps.exif_transpose(picture)
-            rgb = np.asarray(upright.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as exc:  # Pillow: truncated or corrupt data
+            width, height = picture.size
+            bgr = np.empty((height, width, 3), np.uint8)
+            rows = max(1, _STRIP_PIXELS // max(width, 1))
+            for top in range(0, height, rows):
+                bottom = min(top + rows, height)
+                strip = picture.crop((0, top, width, bottom))
+                if strip.mode != "RGB":
+                    strip = strip.convert("RGB")
+                # Pillow packs RGB as BGR itself: no RGB array to reverse and copy afterwards.
+                raw = strip.tobytes("raw", "BGR")
+                bgr[top:bottom] = np.frombuffer(raw, np.uint8).reshape(bottom - top, width, 3)
+        except MemoryError:
+            raise
+        except Exception as exc:  # Pillow: truncated or corrupt data, or struct/type errors in tags
             raise ImageError(422, f"corrupt or truncated {picture.format} picture: {exc}") from exc
-    return np.ascontiguousarray(rgb[:, :, ::-1])
+        finally:
+            picture.close()  # frees Pillow's pixels before the orientation copy
+        return _upright(bgr, orientation)
+
+    def close(self) -> None:
+        self._picture.close()
+
+    def __enter__(self) -> UploadedImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _orientation(picture: Image.Image) -> int:
+    """The EXIF (or XMP) orientation, 1 to 8, as ``ImageOps.exif_transpose`` reads it.
+
+    An EXIF block that cannot be read counts as no orientation: the picture is
+    used as stored, as cv2.imread does, instead of refusing it.
+    """
+    try:
+        value = picture.getexif().get(ExifTags.Base.Orientation, 1)
+    except MemoryError:
+        raise
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _upright(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``image`` (HxWxC) turned as EXIF ``orientation`` says; Pillow's ``exif_transpose`` table."""
+    views = {
+        1: image,
+        2: image[:, ::-1],  # FLIP_LEFT_RIGHT
+        3: image[::-1, ::-1],  # ROTATE_180
+        4: image[::-1],  # FLIP_TOP_BOTTOM
+        5: image.transpose(1, 0, 2),  # TRANSPOSE
+        6: np.rot90(image, -1),  # ROTATE_270 (clockwise)
+        7: image.transpose(1, 0, 2)[::-1, ::-1],  # TRANSVERSE
+        8: np.rot90(image, 1),  # ROTATE_90 (counter-clockwise)
+    }
+    return np.ascontiguousarray(views[orientation])
 
 
 def to_response(detections: sv.Detections) -> PredictResponse:

@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import queue
+import resource
 import shutil
 import signal
 import socket
@@ -322,13 +323,25 @@ class DaemonProcess:
             raise AssertionError(f"daemon did not exit within {timeout} s of SIGTERM") from None
 
 
+def _limit_nofile(limit: int) -> None:
+    """In the child, before exec: at most ``limit`` file descriptors."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], DaemonProcess]]:
-    """Start ``monitor run`` as a subprocess on a config; returns once /readyz says ready."""
+    """Start ``monitor run`` as a subprocess on a config; returns once /readyz says ready.
+
+    ``nofile`` sets the child's RLIMIT_NOFILE (soft and hard), as a systemd
+    ``LimitNOFILE=`` would.
+    """
     started: list[DaemonProcess] = []
 
     def start(
-        config: dict[str, Any], ready_timeout: float = 120, env: dict[str, str] | None = None
+        config: dict[str, Any],
+        ready_timeout: float = 120,
+        env: dict[str, str] | None = None,
+        nofile: int | None = None,
     ) -> DaemonProcess:
         path = tmp_path / f"monitor-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -341,6 +354,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Daemon
                 stderr=subprocess.STDOUT,
                 text=True,
                 env=env,
+                preexec_fn=None if nofile is None else lambda: _limit_nofile(nofile),
             )
         daemon = DaemonProcess(proc, config["http"]["port"], log_path)
         started.append(daemon)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import cv2
 import httpx
@@ -28,14 +32,13 @@ MAX_PIXELS = 1_000_000
 BURST_ANSWER_TIMEOUT = 30
 
 
-@pytest.fixture(scope="module")
-def server(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+@contextmanager
+def serve(weights: Path, tmp: Path, **http: Any) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes]]]:
     """`monitor serve` (no cameras, no MQTT) on the real weights, with a bearer token."""
-    tmp = tmp_path_factory.mktemp("serve")
     port = free_port()
     config = {
         "model": {"path": str(weights), "imgsz": TEST_IMGSZ, "device": "cpu", "labels": TEST_LABELS},
-        "http": {"port": port, "token": TOKEN, "max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS},
+        "http": {"port": port, "token": TOKEN, **http},
     }
     path = tmp / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -53,11 +56,21 @@ def server(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         except httpx.TransportError:
             return False
 
-    wait_until(ready, 120, "monitor serve to be ready", interval=0.2)
-    yield client
-    client.close()
-    proc.terminate()
-    assert proc.wait(10) == 0
+    try:
+        wait_until(ready, 120, "monitor serve to be ready", interval=0.2)
+        yield client, proc
+    finally:
+        client.close()
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+@pytest.fixture(scope="module")
+def server(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """`monitor serve` with small upload limits."""
+    tmp = tmp_path_factory.mktemp("serve")
+    with serve(weights, tmp, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS) as (client, _):
+        yield client
 
 
 def post(client: httpx.Client, data: bytes, name: str = "photo.jpg", path: str = "/predict", **params):
@@ -120,23 +133,130 @@ def _gif() -> bytes:
     return buffer.getvalue()
 
 
+def _jpeg_with_wrongly_typed_exif(width: int = 64, height: int = 32) -> bytes:
+    """A JPEG whose EXIF has CellWidth (0x0108, a SHORT) written as ASCII, and Orientation 6."""
+    text = b"wrong\x00"
+    entries = 2
+    text_offset = 8 + 2 + entries * 12 + 4
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", entries)
+    tiff += struct.pack("<HHII", 0x0108, 2, len(text), text_offset)  # type 2: ASCII
+    tiff += struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0)  # Orientation 6: turn 90 degrees clockwise
+    tiff += struct.pack("<I", 0) + text
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, "JPEG", exif=b"Exif\x00\x00" + tiff)
+    return buffer.getvalue()
+
+
+def _tiff_with_undefined_strip_offsets() -> bytes:
+    """A TIFF whose StripOffsets (273) has type UNDEFINED (7) instead of LONG."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    assert data[:4] == b"II*\x00"
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (count,) = struct.unpack_from("<H", data, ifd)
+    for i in range(count):
+        if struct.unpack_from("<H", data, ifd + 2 + 12 * i)[0] == 273:
+            struct.pack_into("<H", data, ifd + 2 + 12 * i + 2, 7)
+            return bytes(data)
+    raise AssertionError("Pillow wrote no StripOffsets")
+
+
+def _mpo(first: Image.Image) -> bytes:
+    """A phone's multi-picture JPEG: ``first``, then a second (black) picture."""
+    buffer = io.BytesIO()
+    first.save(buffer, "MPO", save_all=True, append_images=[Image.new("RGB", first.size)])
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as check:
+        assert check.format == "MPO"
+        assert check.n_frames == 2
+    return data
+
+
 @pytest.mark.parametrize(
     ("data", "status", "detail"),
     [
         (b"name,count\nelephant,3\n", 415, "not a picture"),
         (_gif(), 415, "unsupported format GIF"),
         (PEOPLE_JPG.read_bytes()[:20_000], 422, "corrupt or truncated JPEG"),
+        (_tiff_with_undefined_strip_offsets(), 422, "corrupt or truncated TIFF"),
         (b"", 422, "empty"),
         (_png(1100, 1000), 413, "the limit is 1000000"),
         (b"\xff" * (MAX_UPLOAD + 1), 413, f"larger than {MAX_UPLOAD} bytes"),
     ],
-    ids=["csv", "gif", "truncated-jpeg", "empty", "too-many-pixels", "too-many-bytes"],
+    ids=[
+        "csv",
+        "gif",
+        "truncated-jpeg",
+        "tiff-undefined-offsets",
+        "empty",
+        "too-many-pixels",
+        "too-many-bytes",
+    ],
 )
 def test_bad_uploads_get_a_clear_status_and_detail(server, data, status, detail):
     response = post(server, data)
     assert response.status_code == status
     assert detail in response.json()["detail"]
     assert post(server, PEOPLE_JPG.read_bytes()).status_code == 200  # nothing was disturbed
+
+
+def test_a_jpeg_with_a_wrongly_typed_exif_tag_is_still_read_upright(server):
+    assert post(server, _jpeg_with_wrongly_typed_exif()).json() == {"results": []}
+    response = post(server, _jpeg_with_wrongly_typed_exif(64, 32), path="/predict_image")
+    assert response.status_code == 200, response.text
+    image = cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == (64, 32, 3)  # stored 64 wide and 32 high; Orientation 6 stands it up
+
+
+def test_a_phones_multi_picture_jpeg_is_read_as_its_first_picture(server):
+    with Image.open(PEOPLE_JPG) as photo:
+        first = photo.convert("RGB")
+    plain = io.BytesIO()
+    first.save(plain, "JPEG")  # the same first picture, as an ordinary JPEG
+    response = post(server, _mpo(first))
+    assert response.status_code == 200, response.text
+    assert response.json()["results"]
+    assert response.json() == post(server, plain.getvalue()).json()
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    """``VmRSS``, ``VmHWM`` ... of /proc/<pid>/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_concurrent_huge_pictures_share_one_pixel_budget(weights, tmp_path):
+    """Three 7000x7000 PNGs at once: 49 million pixels each, declared by a file of ~150 kB."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (7000, 7000), (40, 90, 160)).save(buffer, "PNG")
+    big = buffer.getvalue()
+    assert len(big) < 300_000
+    with serve(weights, tmp_path) as (client, proc):  # default limits: 50 million pixels, 20 MB
+        url = f"{client.base_url}/predict"
+
+        def upload(_: int) -> httpx.Response:
+            files = {"file": ("big.png", big)}
+            return httpx.post(url, files=files, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+
+        assert upload(0).status_code == 200  # the first one warms up whatever is loaded lazily
+        before = _memory_kib(proc.pid, "VmRSS")
+        Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # peak RSS (VmHWM) := RSS now
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(upload, range(3)))
+        grown_mib = (_memory_kib(proc.pid, "VmHWM") - before) / 1024
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) <= {200, 503}, [a.text for a in answers]
+    assert 200 in statuses
+    for answer in answers:
+        if answer.status_code == 503:
+            assert answer.headers["retry-after"] == "1"
+            assert answer.json()["detail"].startswith("busy: ")
+    # One picture at a time: Pillow's pixels (4 bytes each) and the BGR result (3), ~340 MB;
+    # two at once would pass 500. Before issue 17: ~840 MB a picture, three at once 2 GB.
+    assert grown_mib < 500, f"peak RSS grew by {grown_mib:.0f} MiB"
 
 
 def test_oversized_chunked_upload_is_refused_without_content_length(server):
@@ -176,6 +296,14 @@ def test_guarded_endpoints_refuse_a_missing_or_wrong_token(server, path, headers
     assert response.headers["www-authenticate"] == "Bearer"
     assert response.json()["detail"] == "missing or wrong bearer token"
     assert TOKEN not in response.text
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+def test_the_bearer_scheme_is_case_insensitive_and_the_token_is_not(server, scheme):
+    assert _request(server, "/api/cameras", {"Authorization": f"{scheme} {TOKEN}"}).status_code == 200
+    assert _request(server, "/predict", {"Authorization": f"{scheme} {TOKEN}"}).status_code == 200
+    wrong = _request(server, "/api/cameras", {"Authorization": f"{scheme} {TOKEN.upper()}"})
+    assert wrong.status_code == 401
 
 
 def test_guarded_endpoints_answer_the_right_token(server):

@@ -17,9 +17,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import ExifTags, Image, ImageOps
 
 from monitor.cli import EXIT_CONFIG, EXIT_STARTUP, main
-from monitor.predict import PredictResponse, count_inputs
+from monitor.predict import PredictResponse, count_inputs, decode_image
 from tests.conftest import CLIP, PEOPLE_JPG
 
 IMGSZ = 320
@@ -197,3 +198,38 @@ def test_imgsz_flag_is_checked_over_a_valid_config_too(weights, tmp_path):
     assert ran.code == EXIT_CONFIG
     assert ran.out == ""
     assert "error: --imgsz: Value error, must be a multiple of 32 (the model's stride), got 100" in ran.err
+
+
+def _png_with_orientation(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", exif=exif.tobytes())  # lossless: pixels compare exactly
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decoded_pictures_are_turned_as_pillows_exif_transpose_turns_them(orientation):
+    """decode_image applies EXIF orientation itself (no extra full-size copies): same pixels as Pillow."""
+    rng = np.random.default_rng(orientation)
+    stored = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    data = _png_with_orientation(stored, orientation)
+    with Image.open(io.BytesIO(data)) as picture:
+        expected = np.asarray(ImageOps.exif_transpose(picture).convert("RGB"))[:, :, ::-1]
+    decoded = decode_image(data, max_pixels=10_000)
+    assert decoded.flags.c_contiguous
+    assert decoded.flags.writeable
+    np.testing.assert_array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "I;16", "LA"])
+def test_every_mode_decodes_to_what_pillows_rgb_conversion_gives(mode):
+    """Converted strip by strip (a tall picture spans several strips): as one whole convert("RGB")."""
+    rng = np.random.default_rng(7)
+    rgb = Image.fromarray(rng.integers(0, 256, (3000, 700, 3), dtype=np.uint8))
+    picture = rgb.convert(mode) if mode != "I;16" else rgb.convert("L").convert("I;16")
+    buffer = io.BytesIO()
+    picture.save(buffer, "TIFF")
+    with Image.open(io.BytesIO(buffer.getvalue())) as reread:
+        expected = np.asarray(reread.convert("RGB"))[:, :, ::-1]
+    np.testing.assert_array_equal(decode_image(buffer.getvalue(), max_pixels=10**7), expected)
