@@ -10,9 +10,6 @@ it is imported. Torch and Ultralytics are imported inside the commands that
 need them.
 """
 
-# The command line's own output (JSON lines, reports, paths) is printed on purpose.
-# ruff: noqa: T201
-
 from __future__ import annotations
 
 import argparse
