@@ -52,6 +52,7 @@ from pydantic import BaseModel, Field
 from monitor.frames import Frame
 from monitor.settings import Category, ObjectsSettings, Point
 from monitor.snapshots import Annotator, encode_jpeg
+from monitor.topics import Topics
 from monitor.zones import to_pixels
 
 EventType = Literal["new", "update", "end"]
@@ -136,7 +137,7 @@ class AlertRules:
         camera: Camera name.
         objects: The camera's effective ``objects`` settings.
         model: Model identity reported in events.
-        snapshot_topic: Topic template for snapshots: ``{label}`` is filled in.
+        topics: The MQTT topic scheme (for the snapshot topic named in events).
         instance: The daemon's instance id, reported in events.
         required_zones: Zones an object must enter before it alerts (none: anywhere).
         zones: The camera's zone polygons by name (pixels or fractions), drawn on snapshots.
@@ -147,7 +148,7 @@ class AlertRules:
         camera: str,
         objects: ObjectsSettings,
         model: str,
-        snapshot_topic: str,
+        topics: Topics,
         instance: str | None = None,
         required_zones: list[str] | None = None,
         zones: Mapping[str, list[Point]] | None = None,
@@ -155,7 +156,7 @@ class AlertRules:
         self.camera = camera
         self.objects = objects
         self.model = model
-        self.snapshot_topic = snapshot_topic
+        self.topics = topics
         self.instance = instance
         self.required_zones = set(required_zones or [])
         self.zones = dict(zones or {})
@@ -337,7 +338,7 @@ class AlertRules:
             stationary=track.stationary,
             model=self.model,
             instance=self.instance,
-            snapshot=self.snapshot_topic.format(label=track.label) if snapshot is not None else None,
+            snapshot=self.topics.snapshot(self.camera, track.label) if snapshot is not None else None,
         )
         return Alert(event, snapshot, frame_time, track.silenced)
 

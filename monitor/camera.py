@@ -13,6 +13,7 @@ import supervision as sv
 from monitor.alerts import Alert, AlertRules
 from monitor.settings import Settings
 from monitor.sources import Frame
+from monitor.topics import Topics
 from monitor.tracking import CameraTracker
 from monitor.zones import Regions
 
@@ -24,11 +25,14 @@ class CameraPipeline:
         name: Camera name.
         settings: The whole configuration (the camera's entry must exist).
         model: Model identity reported in events.
-        prefix: MQTT topic prefix (for snapshot topics).
-        instance: The daemon's instance id.
+        topics: The MQTT topic scheme (for snapshot topics). A bare prefix is taken as
+            ``Topics(prefix)``, for callers that publish nothing (replay, bench).
+        instance: The daemon's instance id, reported in events.
     """
 
-    def __init__(self, name: str, settings: Settings, model: str, prefix: str, instance: str | None) -> None:
+    def __init__(
+        self, name: str, settings: Settings, model: str, topics: Topics | str, instance: str | None
+    ) -> None:
         camera = settings.cameras[name]
         objects = settings.objects.merged(camera.objects)
         self.regions = Regions(camera, objects)
@@ -37,7 +41,7 @@ class CameraPipeline:
             name,
             objects,
             model,
-            f"{prefix}/{name}/{{label}}/snapshot",
+            topics if isinstance(topics, Topics) else Topics(topics),
             instance=instance,
             required_zones=camera.required_zones,
             zones={zone: z.coordinates for zone, z in camera.zones.items()},

@@ -52,8 +52,6 @@ SYNCHRONOUS: dict[str, Literal["FULL", "NORMAL", "AUTO"]] = {
 }
 #: Uploaded pictures take at most 1/UPLOAD_SHARE of a batch next to camera frames.
 UPLOAD_SHARE = 4
-#: Seconds given to in-flight MQTT messages at shutdown.
-SHUTDOWN_PUBLISH_TIMEOUT = 5.0
 #: Sections read once at start (the model, connections, files, logging): a reload keeps them.
 RESTART_SECTIONS = ("model", "mqtt", "http", "spool", "snapshots", "log", "cluster")
 #: detect keys the detector and the loop read once at start (detect.fps applies on reload).
@@ -190,7 +188,7 @@ class Daemon:
 
     def _add_camera(self, name: str, settings: Settings, model: str, publisher: Publisher) -> None:
         camera = settings.cameras[name]
-        self.cameras[name] = CameraPipeline(name, settings, model, publisher.prefix, self.shard.instance_id)
+        self.cameras[name] = CameraPipeline(name, settings, model, publisher.topics, self.shard.instance_id)
         source = Source(name, camera, settings.camera_fps(name), self.metrics, publisher.publish_status)
         self.sources[name] = source.__enter__()
 

@@ -15,7 +15,8 @@ class on its own defaults to ``FULL``; ``full`` and ``normal`` pin one mode.
 The spool is bounded so that a broker gone for weeks cannot fill the disk:
 past ``max_events`` messages, or for messages older than ``max_age`` seconds,
 the oldest rows are dropped in the same transaction that adds new ones (or by
-``trim``), and the caller is told how many.
+``trim``), and the caller is told how many. One warning says when a burst of
+drops starts, one line how many it dropped once the spool has drained to half.
 
 Deletes after a PUBACK are committed with ``synchronous=NORMAL``: in WAL mode
 a later ``FULL`` commit syncs them too, and one lost to a power cut only
@@ -45,12 +46,13 @@ from pathlib import Path
 from typing import Literal
 
 from monitor.errors import PublishError
+from monitor.settings import SpoolSettings
 
 logger = logging.getLogger(__name__)
 
-#: Defaults of ``spool.max_events`` and ``spool.max_age`` (seconds).
-DEFAULT_MAX_EVENTS = 10_000
-DEFAULT_MAX_AGE = 7 * 24 * 3600.0
+#: Defaults of ``max_events`` and ``max_age`` (seconds): those of the ``spool`` settings.
+DEFAULT_MAX_EVENTS: int = SpoolSettings.model_fields["max_events"].default
+DEFAULT_MAX_AGE: float = SpoolSettings.model_fields["max_age"].default
 #: WAL pages (4 KiB) after which a commit copies the log back into the database (SQLite: 1000).
 WAL_AUTOCHECKPOINT_PAGES = 128
 #: Bytes the WAL file is truncated to when it starts over after a checkpoint.
@@ -173,6 +175,7 @@ class Spool:
         self._lock = threading.Lock()
         self._closed = False
         self._compacted = float("-inf")  # monotonic time of the last compact()
+        self._burst: int | None = None  # rows dropped since the spool was last at most half full
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -230,6 +233,7 @@ class Spool:
                     self._db.execute("ROLLBACK")
                 raise PublishError(f"cannot write to the spool {str(self.path)!r}: {exc}") from exc
             self._count += len(stored) - dropped
+            self._dropped(dropped)
         return Stored([m for m in stored if m.id >= first_kept], dropped)
 
     def trim(self) -> int:
@@ -249,6 +253,7 @@ class Spool:
                     self._db.execute("ROLLBACK")
                 raise PublishError(f"cannot trim the spool {str(self.path)!r}: {exc}") from exc
             self._count -= dropped
+            self._dropped(dropped)
         return dropped
 
     def _trim(self, now: float, count: int) -> tuple[int, int]:
@@ -274,6 +279,21 @@ class Spool:
             dropped += self._db.execute("DELETE FROM messages WHERE id <= ?", (last,)).rowcount
             first_kept = last + 1
         return dropped, first_kept
+
+    def _dropped(self, dropped: int) -> None:
+        """With the lock held: log once when a burst of drops starts."""
+        if not dropped:
+            return
+        if self._burst is None:
+            logger.warning(
+                "spool limit reached (spool.max_events=%d, spool.max_age=%.0f s): dropped the %d oldest "
+                "message(s); further drops are counted in monitor_spool_dropped_total and summed up "
+                "once the spool drains",
+                self.max_events,
+                self.max_age,
+                dropped,
+            )
+        self._burst = (self._burst or 0) + dropped
 
     def broker_connected(self, connected: bool) -> None:
         """With ``synchronous=AUTO``: NORMAL while connected, FULL (after syncing the WAL) while not."""
@@ -310,6 +330,11 @@ class Spool:
             except sqlite3.Error as exc:
                 raise PublishError(f"cannot delete from the spool {str(self.path)!r}: {exc}") from exc
             self._count -= int(removed)
+            if self._burst is not None and self._count <= self.max_events // 2:
+                logger.info(
+                    "the spool is draining; %d message(s) were dropped while it was full", self._burst
+                )
+                self._burst = None
             if self._count == 0 and time.monotonic() - self._compacted >= COMPACT_INTERVAL:
                 self._compact()
         return removed

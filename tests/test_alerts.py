@@ -18,6 +18,7 @@ from monitor.publisher import Publisher
 from monitor.settings import FilterSettings, ObjectsSettings, Settings
 from monitor.snapshots import SnapshotStore
 from monitor.spool import Spool
+from monitor.topics import Topics
 from tests.conftest import wait_until
 
 IMAGE = np.zeros((120, 160, 3), np.uint8)
@@ -49,12 +50,14 @@ def rules() -> AlertRules:
         update_interval=2.0,
         max_disappeared=1.0,
     )
-    return AlertRules("gate", objects, "m.pt@abc", "p/gate/{label}/snapshot")
+    return AlertRules("gate", objects, "m.pt@abc", Topics("p"))
 
 
 def test_new_needs_the_median_over_threshold(rules):
     assert rules.update(tracked((1, 0.9, "person")), frame(0.0))  # median of [0.9]
-    assert not AlertRules("g", rules.objects, "m", "{label}").update(tracked((1, 0.5, "person")), frame(0.0))
+    assert not AlertRules("g", rules.objects, "m", Topics("p")).update(
+        tracked((1, 0.5, "person")), frame(0.0)
+    )
 
 
 def test_one_good_frame_among_misses_does_not_alert(rules):
@@ -147,7 +150,7 @@ def rules_with(**objects) -> AlertRules:
         max_disappeared=1.0,
         **objects,
     )
-    return AlertRules("gate", settings, "m.pt@abc", "p/gate/{label}/snapshot", required_zones=None)
+    return AlertRules("gate", settings, "m.pt@abc", Topics("p"), required_zones=None)
 
 
 def test_category_tells_wildlife_from_people():
@@ -158,7 +161,7 @@ def test_category_tells_wildlife_from_people():
 
 def test_min_frames_delays_new():
     settings = ObjectsSettings(track=["deer"], filters={"deer": FilterSettings(threshold=0.5, min_frames=3)})
-    rules = AlertRules("gate", settings, "m", "{label}")
+    rules = AlertRules("gate", settings, "m", Topics("p"))
     steps = [rules.update(tracked((1, 0.9, "deer")), frame(t * 0.2)) for t in range(4)]
     kinds = [[a.event.type for a in alerts] for alerts in steps]
     assert kinds == [[], [], ["new"], []]
@@ -178,7 +181,7 @@ def test_zones_are_reported_and_a_zone_change_is_an_update():
 
 def test_required_zone_holds_back_objects_outside_it():
     settings = ObjectsSettings(track=["person"], filters={"person": FilterSettings(threshold=0.6)})
-    rules = AlertRules("gate", settings, "m", "{label}", required_zones=["porch"])
+    rules = AlertRules("gate", settings, "m", Topics("p"), required_zones=["porch"])
     assert rules.update(tracked((1, 0.9, "person")), frame(0.0), zones=[["driveway"]]) == []
     (new,) = rules.update(tracked((1, 0.9, "person")), frame(0.2), zones=[["porch"]])
     assert new.event.type == "new"
@@ -260,7 +263,7 @@ def play(pipeline: CameraPipeline, *objects: tuple[str, float, list[float]], ste
 
 
 def pipeline_for(settings: Settings, camera: str = "gate") -> CameraPipeline:
-    return CameraPipeline(camera, settings, "m.pt@abc", "p", None)
+    return CameraPipeline(camera, settings, "m.pt@abc", Topics("p"), None)
 
 
 FRAME_AREA = IMAGE.shape[0] * IMAGE.shape[1]  # 160 x 120 = 19200 px

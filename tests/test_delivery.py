@@ -31,10 +31,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import SecretStr
 
+from monitor import held as held_module
 from monitor import publisher as publisher_module
+from monitor import window as window_module
 from monitor.alerts import Alert
-from monitor.configfile import load_settings
-from monitor.errors import ConfigError, PublishError
+from monitor.errors import PublishError
 from monitor.metrics import Metrics
 from monitor.publisher import Publisher
 from monitor.settings import MqttSettings, TlsSettings
@@ -236,7 +237,7 @@ def test_every_event_produced_during_a_broker_outage_arrives(tmp_path, durable_b
 def test_a_backlog_waits_on_disk_not_in_memory_and_arrives_in_order(
     tmp_path, monkeypatch, durable_broker, durable_subscribers
 ):
-    monkeypatch.setattr(publisher_module, "WINDOW", 5)
+    monkeypatch.setattr(window_module, "WINDOW", 5)
     sub = DurableSubscriber(durable_broker.port, "t/events", "durable-window")
     durable_subscribers.append(sub)
     durable_broker.stop()
@@ -612,7 +613,7 @@ def tls_settings(port: int, ca_file: Path, password: str | None = PASSWORD, **tl
 def test_tls_and_credentials_deliver_and_wrong_ones_only_delay(
     tmp_path, tls_broker, durable_subscribers, caplog
 ):
-    caplog.set_level(logging.DEBUG, logger="monitor.publisher")
+    caplog.set_level(logging.DEBUG, logger="monitor.mqtt_connection")
     sub = DurableSubscriber(
         tls_broker.port, "t/events", "durable-tls", ca_file=tls_broker.ca_file, auth=(USER, PASSWORD)
     )
@@ -695,7 +696,7 @@ def test_tls_errors_are_reported_not_raised(tmp_path, tls_broker, caplog):
             error = wait_until(lambda: publisher.last_error, 10, "the TLS error")
             assert error.startswith("TLS error: certificate verify failed: IP address mismatch"), error
 
-        caplog.set_level(logging.WARNING, logger="monitor.publisher")
+        caplog.set_level(logging.WARNING, logger="monitor.mqtt_connection")
         insecure = tls_settings(tls_broker.wrong_name_port, tls_broker.ca_file, insecure=True)
         with Publisher(insecure, spool, Metrics()) as publisher:
             assert "mqtt.tls.insecure is true" in caplog.text
@@ -711,7 +712,7 @@ def client_cert_settings(tls_broker: TlsBroker, **tls: object) -> MqttSettings:
 def test_a_client_certificate_gets_in_where_the_broker_requires_one(
     tmp_path, tls_broker, durable_subscribers, caplog
 ):
-    caplog.set_level(logging.DEBUG, logger="monitor.publisher")
+    caplog.set_level(logging.DEBUG, logger="monitor.mqtt_connection")
     sub = DurableSubscriber(
         tls_broker.port, "t/events", "durable-mtls", ca_file=tls_broker.ca_file, auth=(USER, PASSWORD)
     )
@@ -846,7 +847,7 @@ def test_a_client_key_or_certificate_that_cannot_be_used_fails_at_start_naming_i
 
 
 def test_a_full_spool_drops_the_oldest_and_counts_them(tmp_path, broker, caplog):
-    caplog.set_level(logging.INFO, logger="monitor.publisher")
+    caplog.set_level(logging.INFO, logger="monitor.spool")
     broker.stop()
     metrics = Metrics()
     settings = MqttSettings(port=broker.port, topic_prefix="t")
@@ -884,8 +885,8 @@ def test_while_the_spool_cannot_be_written_a_broker_outage_loses_only_what_overf
     """A full disk and a broker outage at once: memory holds the newest, the rest is counted."""
     snapshot = b"\xff\xd8" + bytes(100_000)
     # Room for three new events with their snapshots, not four.
-    monkeypatch.setattr(publisher_module, "HELD_MAX_BYTES", 350_000, raising=False)
-    monkeypatch.setattr(publisher_module, "SPOOL_RETRY", 0.2, raising=False)
+    monkeypatch.setattr(held_module, "HELD_MAX_BYTES", 350_000)
+    monkeypatch.setattr(held_module, "SPOOL_RETRY", 0.2)
     disk = small_disk(2048)
     sub = DurableSubscriber(durable_broker.port, "t/events", "durable-full-disk")
     durable_subscribers.append(sub)
@@ -928,26 +929,12 @@ def ids_and_topics(spool: Spool) -> list[tuple[str, str]]:
     return rows
 
 
-def test_messages_older_than_max_age_are_dropped(tmp_path):
+def test_a_publisher_starting_on_a_spool_of_expired_messages_drops_and_counts_them(tmp_path):
     now = [1_000_000.0]
     path = tmp_path / "spool.db"
-    with Spool(path, max_events=100, max_age=60.0, clock=lambda: now[0]) as spool:
+    with Spool(path, max_age=60.0, clock=lambda: now[0]) as spool:
         spool.put([Outgoing("t/events", b"old")])
-        now[0] += 30
-        spool.put([Outgoing("t/events", b"mid")])
-        assert spool.oldest_age() == 30
-        now[0] += 31  # "old" is 61 s old
-        assert spool.trim() == 1
-        assert [m.payload for m in spool.pending()] == [b"mid"]
-        now[0] += 30  # "mid" is 61 s old: the next put drops it
-        stored = spool.put([Outgoing("t/events", b"new")])
-        assert stored.dropped == 1
-        assert [m.payload for m in stored.messages] == [b"new"]
-        assert [m.payload for m in spool.pending()] == [b"new"]
-        assert spool.count() == 1
-        now[0] += 61
-
-    # A publisher starting on a spool of expired messages drops and counts them first.
+    now[0] += 61
     metrics = Metrics()
     settings = MqttSettings(port=free_port(), topic_prefix="t")  # nobody listens
     with (
@@ -958,25 +945,7 @@ def test_messages_older_than_max_age_are_dropped(tmp_path):
         assert metrics.registry.get_sample_value("monitor_spool_dropped_total") == 1
 
 
-def test_a_batch_larger_than_the_spool_keeps_its_newest_messages(tmp_path):
-    with Spool(tmp_path / "spool.db", max_events=3) as spool:
-        spool.put([Outgoing("t/events", b"a")])
-        stored = spool.put([Outgoing("t/events", bytes([c])) for c in b"bcdef"])
-        assert stored.dropped == 3
-        assert [m.payload for m in stored.messages] == [b"d", b"e", b"f"]
-        assert [m.payload for m in spool.pending()] == [b"d", b"e", b"f"]
-        assert spool.count() == 3
-
-
-def test_remove_tells_whether_the_row_was_still_there(tmp_path):
-    with Spool(tmp_path / "spool.db", max_events=1) as spool:
-        first = spool.put([Outgoing("t/events", b"1")]).messages[0]
-        spool.put([Outgoing("t/events", b"2")])  # drops the first
-        assert spool.remove(first.id) is False
-        assert spool.count() == 1
-
-
-# -- MQTT 5 and settings ----------------------------------------------------------
+# -- MQTT 5 ------------------------------------------------------------------------
 
 
 def test_mqtt5_delivers_and_says_online(tmp_path, broker, subscriber_factory):
@@ -987,40 +956,3 @@ def test_mqtt5_delivers_and_says_online(tmp_path, broker, subscriber_factory):
         sub.wait_for(lambda m: m.topic == "t/events" and b'"v5"' in m.payload, 10, "the event over MQTT 5")
         sub.wait_for(lambda m: m.topic == "t/available" and m.payload == b"online", 5, "online")
         wait_until(lambda: spool.count() == 0, 10, "the PUBACK")
-
-
-def write_config(tmp_path: Path, mqtt_yaml: str) -> Path:
-    path = tmp_path / "monitor.yaml"
-    path.write_text(f"model: {{path: m.pt}}\nmqtt:\n{mqtt_yaml}")
-    return path
-
-
-def test_mqtt_protocol_and_tls_settings(tmp_path):
-    ca = tmp_path / "ca.crt"
-    ca.write_text("not checked here")
-    settings = load_settings(
-        write_config(tmp_path, f"  protocol: 5\n  tls: {{enabled: true, ca_file: {ca}}}\n")
-    )
-    assert settings.mqtt.protocol == "5"
-    assert settings.mqtt.tls.ca_file == ca
-    assert load_settings(write_config(tmp_path, "  port: 1883\n")).mqtt.protocol == "3.1.1"
-
-
-@pytest.mark.parametrize(
-    ("mqtt_yaml", "expected"),
-    [
-        ("  protocol: 4\n", "mqtt.protocol (line 3): Input should be '3.1.1' or '5'"),
-        (
-            "  tls: {enabled: true, ca_file: /nonexistent/ca.crt}\n",
-            "mqtt.tls.ca_file (line 3): Value error, '/nonexistent/ca.crt' does not exist",
-        ),
-        ("  tls: {cert_file: CA}\n", "mqtt.tls (line 3): Value error, set both cert_file and key_file"),
-        ("  tls: {enabled: true, ca_file: DIR}\n", "is not a file"),
-    ],
-)
-def test_bad_mqtt_settings_name_the_key(tmp_path, mqtt_yaml, expected):
-    (tmp_path / "ca.crt").write_text("x")
-    mqtt_yaml = mqtt_yaml.replace("CA", str(tmp_path / "ca.crt")).replace("DIR", str(tmp_path))
-    with pytest.raises(ConfigError) as info:
-        load_settings(write_config(tmp_path, mqtt_yaml))
-    assert any(expected in p for p in info.value.problems), info.value.problems

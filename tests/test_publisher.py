@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor import publisher as publisher_module
+from monitor import held as held_module
 from monitor.alerts import Alert, Event
 from monitor.metrics import Metrics
 from monitor.publisher import Publisher
@@ -106,13 +106,13 @@ def event_ids(messages) -> list[str]:
 def test_a_full_disk_sends_events_around_the_spool_until_space_returns(
     small_disk, broker, subscriber_factory, monkeypatch, caplog
 ):
-    monkeypatch.setattr(publisher_module, "SPOOL_RETRY", 0.2, raising=False)
+    monkeypatch.setattr(held_module, "SPOOL_RETRY", 0.2)
     disk = small_disk(2048)
     sub = subscriber_factory(broker.port, "t/#")
     metrics = Metrics()
     sample = metrics.registry.get_sample_value
     settings = MqttSettings(port=broker.port, topic_prefix="t")
-    caplog.set_level(logging.INFO, logger="monitor.publisher")
+    caplog.set_level(logging.INFO, logger="monitor.held")
     with (
         Spool(disk.path / "spool.db", synchronous="AUTO") as spool,
         Publisher(settings, spool, metrics) as publisher,

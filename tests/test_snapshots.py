@@ -16,6 +16,7 @@ from monitor.camera import CameraPipeline
 from monitor.settings import FilterSettings, ObjectsSettings, Settings
 from monitor.snapshots import ZONE_COLORS, SnapshotStore, encode_jpeg
 from monitor.sources import Frame
+from monitor.topics import Topics
 from tests.conftest import TEST_LABELS
 from tests.test_full_disk import SmallDisk, small_disks
 
@@ -73,7 +74,7 @@ def test_kept_snapshot_is_the_frame_with_the_highest_score(tmp_path, times, scor
         update_interval=2.0,
         max_disappeared=1.0,
     )
-    rules = AlertRules("gate", objects, "m.pt@abc", "p/gate/{label}/snapshot")
+    rules = AlertRules("gate", objects, "m.pt@abc", Topics("p"))
     store = SnapshotStore(tmp_path, max_count=10)
     levels = [40 + 20 * i for i in range(len(times))]  # each frame its own shade of grey
     alerts = []
@@ -129,7 +130,7 @@ def pipeline_snapshot(weights: Path, zones: dict) -> np.ndarray:
         objects={"track": ["person"], "filters": {"person": {"threshold": 0.5}}},
         cameras={"gate": {"url": "gate.mp4", "zones": zones}},
     )
-    camera = CameraPipeline("gate", settings, "m.pt@abc", "p", None)
+    camera = CameraPipeline("gate", settings, "m.pt@abc", Topics("p"), None)
     found = sv.Detections(
         xyxy=np.array([BOX], dtype=np.float32),
         confidence=np.array([0.9], dtype=np.float32),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from monitor.errors import PublishError
+from monitor.settings import SpoolSettings
 from monitor.spool import Outgoing, Spool
 from tests.test_full_disk import SmallDisk, small_disks
 
@@ -140,3 +142,59 @@ def test_quarantine_moves_a_row_out_of_the_queue_and_keeps_the_newest(tmp_path, 
             ("t/bad+2", "wildcard"),
         ]
         assert ok[0].id > rows[-1].id
+
+
+def test_messages_older_than_max_age_are_dropped(tmp_path):
+    now = [1_000_000.0]
+    with Spool(tmp_path / "spool.db", max_events=100, max_age=60.0, clock=lambda: now[0]) as spool:
+        spool.put([Outgoing("t/events", b"old")])
+        now[0] += 30
+        spool.put([Outgoing("t/events", b"mid")])
+        assert spool.oldest_age() == 30
+        now[0] += 31  # "old" is 61 s old
+        assert spool.trim() == 1
+        assert [m.payload for m in spool.pending()] == [b"mid"]
+        now[0] += 30  # "mid" is 61 s old: the next put drops it
+        stored = spool.put([Outgoing("t/events", b"new")])
+        assert stored.dropped == 1
+        assert [m.payload for m in stored.messages] == [b"new"]
+        assert [m.payload for m in spool.pending()] == [b"new"]
+        assert spool.count() == 1
+
+
+def test_a_batch_larger_than_the_spool_keeps_its_newest_messages(tmp_path):
+    with Spool(tmp_path / "spool.db", max_events=3) as spool:
+        spool.put([Outgoing("t/events", b"a")])
+        stored = spool.put([Outgoing("t/events", bytes([c])) for c in b"bcdef"])
+        assert stored.dropped == 3
+        assert [m.payload for m in stored.messages] == [b"d", b"e", b"f"]
+        assert [m.payload for m in spool.pending()] == [b"d", b"e", b"f"]
+        assert spool.count() == 3
+
+
+def test_remove_tells_whether_the_row_was_still_there(tmp_path):
+    with Spool(tmp_path / "spool.db", max_events=1) as spool:
+        first = spool.put([Outgoing("t/events", b"1")]).messages[0]
+        spool.put([Outgoing("t/events", b"2")])  # drops the first
+        assert spool.remove(first.id) is False
+        assert spool.count() == 1
+
+
+def test_drops_are_logged_once_per_burst_and_summed_up_when_the_spool_drains(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="monitor.spool")
+    with Spool(tmp_path / "spool.db", max_events=4) as spool:
+        rows = spool.put([Outgoing("t/events", bytes([i])) for i in range(4)]).messages
+        for _ in range(3):
+            rows += spool.put([Outgoing("t/events", b"more")]).messages
+        assert [r.getMessage().startswith("spool limit reached") for r in caplog.records] == [True]
+        for row in rows[3:5]:
+            spool.remove(row.id)  # 4 -> 2 left: half of max_events
+        assert "3 message(s) were dropped while it was full" in caplog.records[-1].getMessage()
+        spool.put([Outgoing("t/events", b"x")] * 3)  # full again: a new burst
+        assert sum("spool limit reached" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_the_spool_bounds_default_to_the_spool_settings(tmp_path):
+    defaults = SpoolSettings()
+    with Spool(tmp_path / "spool.db") as spool:
+        assert (spool.max_events, spool.max_age) == (defaults.max_events, defaults.max_age)
