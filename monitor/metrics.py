@@ -7,8 +7,6 @@ configuration); URLs and track ids are never labels. Each daemon owns one
 
 from __future__ import annotations
 
-import contextlib
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 from monitor import __version__
@@ -142,6 +140,18 @@ class Metrics:
         )
         for stage in STAGES:
             self.stage_duration.labels(stage)
+        # The families with a camera label.
+        self._per_camera = (
+            self.frames,
+            self.frames_processed,
+            self.frames_dropped,
+            self.camera_reconnects,
+            self.camera_up,
+            self.camera_enabled,
+            self.camera_frame_age,
+            self.events,
+            self.events_suppressed,
+        )
 
     def add_camera(self, camera: str) -> None:
         """Create the camera's series at zero so dashboards see it before its first frame."""
@@ -152,18 +162,6 @@ class Metrics:
         self.camera_up.labels(camera).set(0)
 
     def remove_camera(self, camera: str) -> None:
-        """Drop a camera's series (after it was removed from the configuration)."""
-        for family in (
-            self.frames,
-            self.frames_processed,
-            self.frames_dropped,
-            self.camera_reconnects,
-            self.camera_up,
-            self.camera_enabled,
-            self.camera_frame_age,
-        ):
-            with contextlib.suppress(KeyError):  # never had a sample
-                family.remove(camera)
-        for reason in SUPPRESSION_REASONS:
-            with contextlib.suppress(KeyError):
-                self.events_suppressed.remove(camera, reason)
+        """Drop every series of a camera (after it was removed from the configuration)."""
+        for family in self._per_camera:
+            family.remove_by_labels({"camera": camera})
