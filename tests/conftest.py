@@ -6,6 +6,7 @@ printed, an MQTT message, a metric value), never a fixed sleep.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
@@ -376,3 +377,93 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Daemon
         if daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait()
+
+
+# -- a small disk that fills up ---------------------------------------------------
+
+
+@dataclass
+class SmallDisk:
+    """A mounted small file system, and a filler file that takes all of its free space."""
+
+    path: Path
+
+    @property
+    def filler(self) -> Path:
+        return self.path / "filler"
+
+    def fill(self) -> int:
+        """Write zeros until the file system says ENOSPC; the bytes written."""
+        written = 0
+        chunk = 1 << 20
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            while chunk:
+                try:
+                    written += os.write(fd, bytes(chunk))
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    chunk //= 2  # down to the last byte
+        finally:
+            os.close(fd)
+        return written
+
+    def free(self) -> None:
+        """Delete the filler: the space is back."""
+        self.filler.unlink()
+
+    def available(self) -> int:
+        stat = os.statvfs(self.path)
+        return stat.f_bavail * stat.f_frsize
+
+
+def _run_quietly(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=False)
+
+
+def _mount(where: Path, size_kib: int) -> str | None:
+    """Mount a ``size_kib`` file system on ``where``; None, or why neither kind could be mounted."""
+    tmpfs = _run_quietly("mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0700", "tmpfs", str(where))
+    if tmpfs.returncode == 0:
+        return None
+    image = where.with_suffix(".img")
+    with image.open("wb") as f:
+        f.truncate(size_kib * 1024)
+    mkfs = _run_quietly("mkfs.ext4", "-q", "-F", "-m", "0", str(image))
+    loop = _run_quietly("mount", "-o", "loop", str(image), str(where)) if mkfs.returncode == 0 else mkfs
+    if loop.returncode == 0:
+        return None
+    return f"tmpfs: {tmpfs.stderr.strip() or tmpfs.returncode}; loop device: {loop.stderr.strip()}"
+
+
+def _unmount(where: Path) -> None:
+    if _run_quietly("umount", str(where)).returncode != 0:
+        # Still busy (a child of a killed daemon closing its files): detach it now, freed later.
+        _run_quietly("umount", "-l", str(where))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
+    """``make(size_kib)`` mounts a fresh small file system (the spool's disk filling up).
+
+    Each is unmounted at teardown. Skips the test where neither a tmpfs nor a loop
+    device can be mounted. Request the fixture before ``daemon_factory``, so that
+    the daemon is killed before the unmount.
+    """
+    mounted: list[Path] = []
+
+    def make(size_kib: int) -> SmallDisk:
+        where = tmp_path / f"disk-{len(mounted)}"
+        where.mkdir()
+        problem = _mount(where, size_kib)
+        if problem is not None:
+            pytest.skip(f"cannot mount a small file system here (needs root): {problem}")
+        mounted.append(where)
+        return SmallDisk(where)
+
+    try:
+        yield make
+    finally:
+        for where in reversed(mounted):
+            _unmount(where)

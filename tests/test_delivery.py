@@ -49,7 +49,6 @@ from tests.conftest import (
     make_event,
     wait_until,
 )
-from tests.test_full_disk import SmallDisk, small_disks
 
 #: How long the broker is down in the outage test (the issue asks for 30 s).
 OUTAGE = 30.0
@@ -872,11 +871,6 @@ def test_a_full_spool_drops_the_oldest_and_counts_them(tmp_path, broker, caplog)
         )
         assert metrics.registry.get_sample_value("monitor_spool_oldest_age_seconds") == 0
     assert "7 message(s) were dropped while it was full" in caplog.text
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
-    yield from small_disks(tmp_path)
 
 
 def test_while_the_spool_cannot_be_written_a_broker_outage_loses_only_what_overflows_memory(

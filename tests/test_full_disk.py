@@ -2,22 +2,16 @@
 
 Real small file systems (a tmpfs, else an ext4 image on a loop device) that
 the tests fill with a file of zeros, real Mosquitto, the real daemon on the
-real weights. ``small_disk`` is imported by the spool, publisher and snapshot
-tests too.
+real weights. The ``small_disk`` fixture is conftest.py's, shared with the
+spool, publisher and snapshot tests.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
-import subprocess
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,98 +21,6 @@ from tests.conftest import CLIP, base_config, free_port, wait_until
 
 #: Size of the file system under the daemon's spool and snapshots (both on it).
 DAEMON_DISK_KIB = 4096
-
-
-@dataclass
-class SmallDisk:
-    """A mounted small file system, and a filler file that takes all of its free space."""
-
-    path: Path
-
-    @property
-    def filler(self) -> Path:
-        return self.path / "filler"
-
-    def fill(self) -> int:
-        """Write zeros until the file system says ENOSPC; the bytes written."""
-        written = 0
-        chunk = 1 << 20
-        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            while chunk:
-                try:
-                    written += os.write(fd, bytes(chunk))
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    chunk //= 2  # down to the last byte
-        finally:
-            os.close(fd)
-        return written
-
-    def free(self) -> None:
-        """Delete the filler: the space is back."""
-        self.filler.unlink()
-
-    def available(self) -> int:
-        stat = os.statvfs(self.path)
-        return stat.f_bavail * stat.f_frsize
-
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, check=False)
-
-
-def _mount(where: Path, size_kib: int) -> str | None:
-    """Mount a ``size_kib`` file system on ``where``; None, or why neither kind could be mounted."""
-    tmpfs = _run("mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0700", "tmpfs", str(where))
-    if tmpfs.returncode == 0:
-        return None
-    image = where.with_suffix(".img")
-    with image.open("wb") as f:
-        f.truncate(size_kib * 1024)
-    mkfs = _run("mkfs.ext4", "-q", "-F", "-m", "0", str(image))
-    loop = _run("mount", "-o", "loop", str(image), str(where)) if mkfs.returncode == 0 else mkfs
-    if loop.returncode == 0:
-        return None
-    return f"tmpfs: {tmpfs.stderr.strip() or tmpfs.returncode}; loop device: {loop.stderr.strip()}"
-
-
-def _unmount(where: Path) -> None:
-    if _run("umount", str(where)).returncode != 0:
-        # Still busy (a child of a killed daemon closing its files): detach it now, freed later.
-        _run("umount", "-l", str(where))
-
-
-def small_disks(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
-    """The body of a ``small_disk`` fixture: ``make(size_kib)`` mounts a fresh small file system.
-
-    Each is unmounted at teardown. Skips the test where neither a tmpfs nor a loop
-    device can be mounted. Request the fixture before ``daemon_factory``, so that
-    the daemon is killed before the unmount.
-    """
-    mounted: list[Path] = []
-
-    def make(size_kib: int) -> SmallDisk:
-        where = tmp_path / f"disk-{len(mounted)}"
-        where.mkdir()
-        problem = _mount(where, size_kib)
-        if problem is not None:
-            pytest.skip(f"cannot mount a small file system here (needs root): {problem}")
-        mounted.append(where)
-        return SmallDisk(where)
-
-    try:
-        yield make
-    finally:
-        for where in reversed(mounted):
-            _unmount(where)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
-    """``make(size_kib)``: a fresh small file system, unmounted at teardown (``small_disks``)."""
-    yield from small_disks(tmp_path)
 
 
 def readyz(port: int) -> dict[str, Any]:

@@ -5,10 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
-import pytest
 
 from monitor import held as held_module
 from monitor.alerts import Alert, Event
@@ -18,7 +14,6 @@ from monitor.settings import MqttSettings
 from monitor.sources import CameraState, CameraStatus
 from monitor.spool import Outgoing, Spool
 from tests.conftest import make_event, wait_until
-from tests.test_full_disk import SmallDisk, small_disks
 
 
 def event(event_id: str, kind: str = "new") -> Event:
@@ -88,11 +83,6 @@ def test_availability_and_retained_camera_status(tmp_path, broker, subscriber_fa
             }
             late.wait_for(lambda m: m.topic == "t/available" and m.payload == b"online", 5, "online")
         late.wait_for(lambda m: m.topic == "t/available" and m.payload == b"offline", 5, "offline on close")
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
-    yield from small_disks(tmp_path)
 
 
 #: A snapshot of about the test clip's size.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -18,7 +17,6 @@ from monitor.snapshots import ZONE_COLORS, SnapshotStore, encode_jpeg
 from monitor.sources import Frame
 from monitor.topics import Topics
 from tests.conftest import TEST_LABELS
-from tests.test_full_disk import SmallDisk, small_disks
 
 HEIGHT, WIDTH = 120, 160
 BOX = [10.0, 10.0, 50.0, 90.0]
@@ -170,11 +168,6 @@ def test_snapshot_draws_the_cameras_zones(weights):
     assert (np.abs(plain).max(axis=1) < 20).all(), plain
     # The box and label are still there in both (same pixels inside the box's outline).
     assert np.abs(with_zone[10:90, 10:13].astype(int) - without[10:90, 10:13].astype(int)).max() < 30
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
-    yield from small_disks(tmp_path)
 
 
 EVENTS = [f"1700000000.{i:06d}-abcdef" for i in range(4)]

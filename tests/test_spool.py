@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from monitor.errors import PublishError
 from monitor.settings import SpoolSettings
 from monitor.spool import Outgoing, Spool
-from tests.test_full_disk import SmallDisk, small_disks
 
 
 def test_messages_survive_reopening_in_order(tmp_path):
@@ -54,11 +51,6 @@ def test_auto_durability_follows_the_broker_connection(tmp_path):
         assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
     finally:
         db.close()
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
-    yield from small_disks(tmp_path)
 
 
 #: Bytes of one snapshot in the WAL tests (the test clip's JPEGs are 40-70 KB).
