@@ -7,12 +7,13 @@ file), so both make exactly the same decisions.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import supervision as sv
 
 from monitor.alerts import Alert, AlertRules
+from monitor.frames import Frame
 from monitor.settings import Settings
-from monitor.sources import Frame
 from monitor.topics import Topics
 from monitor.tracking import CameraTracker
 from monitor.zones import Regions
@@ -25,13 +26,12 @@ class CameraPipeline:
         name: Camera name.
         settings: The whole configuration (the camera's entry must exist).
         model: Model identity reported in events.
-        topics: The MQTT topic scheme (for snapshot topics). A bare prefix is taken as
-            ``Topics(prefix)``, for callers that publish nothing (replay, bench).
+        topics: The MQTT topic scheme (for snapshot topics).
         instance: The daemon's instance id, reported in events.
     """
 
     def __init__(
-        self, name: str, settings: Settings, model: str, topics: Topics | str, instance: str | None
+        self, name: str, settings: Settings, model: str, topics: Topics, instance: str | None
     ) -> None:
         camera = settings.cameras[name]
         objects = settings.objects.merged(camera.objects)
@@ -41,16 +41,14 @@ class CameraPipeline:
             name,
             objects,
             model,
-            topics if isinstance(topics, Topics) else Topics(topics),
+            topics,
             instance=instance,
             required_zones=camera.required_zones,
             zones={zone: z.coordinates for zone, z in camera.zones.items()},
         )
         self.track_ids: set[int] = set()  # every ByteTrack id seen (replay's summary)
 
-    def process(
-        self, detections: sv.Detections, frame: Frame, timings: dict[str, float] | None = None
-    ) -> list[Alert]:
+    def process(self, detections: sv.Detections, frame: Frame) -> Processed:
         """Track one frame's detections and apply the alert rules."""
         height, width = frame.image.shape[:2]
         start = time.perf_counter()
@@ -60,7 +58,23 @@ class CameraPipeline:
             self.track_ids.update(int(i) for i in tracked.tracker_id)
         tracked_at = time.perf_counter()
         alerts = self.rules.update(tracked, frame, self.regions.zones_of(tracked, height, width))
-        if timings is not None:
-            timings["tracking"] = tracked_at - start
-            timings["alerts"] = time.perf_counter() - tracked_at
-        return alerts
+        return Processed(alerts, tracked_at - start, time.perf_counter() - tracked_at)
+
+
+@dataclass(frozen=True, slots=True)
+class Processed:
+    """What one frame's camera stages gave: its alerts, and the seconds each stage took.
+
+    Attributes:
+        alerts: Events the frame caused, in order.
+        tracking: Seconds for masks, size filters and ByteTrack.
+        rules: Seconds for zones and the alert rules.
+    """
+
+    alerts: list[Alert]
+    tracking: float
+    rules: float
+
+    def stages(self) -> dict[str, float]:
+        """``{stage: seconds}`` under the names of ``monitor_stage_duration_seconds{stage=...}``."""
+        return {"tracking": self.tracking, "alerts": self.rules}

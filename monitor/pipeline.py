@@ -108,8 +108,8 @@ class PipelineStep:
         for frame, found in zip(frames, detected.detections, strict=False):
             self.metrics.frames_processed.labels(frame.camera).inc()
             self.metrics.detect_latency.observe(max(0.0, done - frame.capture_time))
-            steps: dict[str, float] = {}
-            alerts = self.cameras[frame.camera].process(at_least(found, self.floor), frame, steps)
+            processed = self.cameras[frame.camera].process(at_least(found, self.floor), frame)
+            steps, alerts = processed.stages(), processed.alerts
             if alerts:
                 started = time.perf_counter()
                 self.on_alerts(alerts)

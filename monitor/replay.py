@@ -26,6 +26,7 @@ from monitor.frames import Frame
 from monitor.metrics import Metrics
 from monitor.pipeline import PipelineStep
 from monitor.settings import CameraSettings, Settings
+from monitor.topics import Topics
 
 REPLAY_CAMERA = "replay"
 
@@ -111,7 +112,7 @@ def run_replay(
         raise SourceError(f"{video}: cannot open as a video") from exc
     native_fps = native_fps if 0 < native_fps < 1000 else 25.0
     detector = detector or Detector(settings.model, settings.detect.max_batch)
-    pipeline = CameraPipeline(name, settings, detector.label, "replay", None)
+    pipeline = CameraPipeline(name, settings, detector.label, Topics(REPLAY_CAMERA), None)
     size = settings.cameras[name].detect
     period = 1.0 / settings.camera_fps(name)
     batch_size = settings.detect.max_batch

@@ -257,8 +257,8 @@ def play(pipeline: CameraPipeline, *objects: tuple[str, float, list[float]], ste
     camera = pipeline.rules.camera
     alerts = []
     for step in range(steps):
-        alerts += pipeline.process(detected(*objects), Frame(camera, step, step * 0.2, IMAGE))
-    alerts += pipeline.process(detected(), Frame(camera, steps, steps * 0.2, IMAGE))
+        alerts += pipeline.process(detected(*objects), Frame(camera, step, step * 0.2, IMAGE)).alerts
+    alerts += pipeline.process(detected(), Frame(camera, steps, steps * 0.2, IMAGE)).alerts
     return alerts + pipeline.rules.expire(float("inf"))
 
 
@@ -372,7 +372,7 @@ def play_scenes(pipeline: CameraPipeline, *scenes: Scene, steps: int = 10) -> li
     camera = pipeline.rules.camera
     alerts = []
     for index, objects in enumerate(itertools.chain.from_iterable([s] * steps for s in scenes)):
-        alerts += pipeline.process(detected(*objects), Frame(camera, index, index * 0.2, IMAGE))
+        alerts += pipeline.process(detected(*objects), Frame(camera, index, index * 0.2, IMAGE)).alerts
     return alerts + pipeline.rules.expire(float("inf"))
 
 

@@ -136,7 +136,7 @@ def pipeline_snapshot(weights: Path, zones: dict) -> np.ndarray:
         data={"class_name": np.array(["person"], dtype=object)},
     )
     for index in range(10):
-        alerts = camera.process(found, Frame("gate", index, index * 0.2, grey(0)))
+        alerts = camera.process(found, Frame("gate", index, index * 0.2, grey(0))).alerts
         if alerts:
             (new,) = alerts
             assert new.event.type == "new"

@@ -22,6 +22,7 @@ from monitor.metrics import Metrics
 from monitor.pipeline import PipelineStep
 from monitor.scheduler import FrameSource, Scheduler
 from monitor.settings import Settings
+from monitor.topics import Topics
 
 #: Prefix of the (never published) snapshot topics.
 BENCH_PREFIX = "bench"
@@ -113,7 +114,7 @@ class BenchLoop:
         max_age = settings.detect.max_age_ms
         self.scheduler = Scheduler(settings.detect.max_batch, max_age / 1000 if max_age else None)
         self.cameras = {
-            name: CameraPipeline(name, settings, detector.label, BENCH_PREFIX, None)
+            name: CameraPipeline(name, settings, detector.label, Topics(BENCH_PREFIX), None)
             for name in settings.cameras
         }
         self.synthetic = [s for s in sources if isinstance(s, SyntheticSource)]
