@@ -33,6 +33,7 @@ from monitor.objects_settings import (
     TrackerSettings,
 )
 from monitor.settings_sources import ENV_PREFIX
+from monitor.topics import Topics
 
 __all__ = [
     "DEFAULT_CATEGORIES",
@@ -211,8 +212,7 @@ class MqttSettings(_Section):
     @field_validator("topic_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        if any(c in value for c in "#+\0") or value.startswith("/") or value.endswith("/"):
-            raise ValueError(f"must not contain # + or NUL nor start or end with /, got {value!r}")
+        Topics(value)  # the topic scheme's own check (raises ValueError)
         return value
 
     @model_validator(mode="after")
