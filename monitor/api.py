@@ -66,12 +66,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from monitor.errors import MonitorError
+from monitor.frames import CameraStatus
 from monitor.metrics import Metrics
 from monitor.predict import ImageError, PredictResponse, open_image, to_response
 from monitor.scheduler import QueueFull
 from monitor.settings import HttpSettings
 from monitor.snapshots import Annotator, encode_jpeg, labels_of
-from monitor.sources import CameraStatus
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from monitor.camera import CameraPipeline
 from monitor.cluster import Shard, mine
 from monitor.detector import Detector
 from monitor.errors import MonitorError
+from monitor.frames import CameraState, Frame
 from monitor.metrics import Metrics
 from monitor.notify import SystemdNotifier, Watchdog, watchdog_interval
 from monitor.pipeline import PipelineStep, at_least
@@ -36,7 +37,7 @@ from monitor.publisher import Publisher
 from monitor.scheduler import Request, RequestQueue, Scheduler
 from monitor.settings import Settings
 from monitor.snapshots import SnapshotStore
-from monitor.sources import CameraState, Frame, Source
+from monitor.sources import Source
 from monitor.spool import Spool
 
 __all__ = ["Daemon", "watchdog_interval"]

@@ -46,11 +46,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from monitor.alerts import Alert
 from monitor.errors import PublishError
+from monitor.frames import CameraStatus
 from monitor.held import Held
 from monitor.metrics import Metrics
 from monitor.mqtt_connection import Connection
 from monitor.settings import MqttSettings
-from monitor.sources import CameraStatus
 from monitor.spool import Message, Outgoing, Spool, Stored
 from monitor.topics import Topics
 from monitor.window import MAX_INFLIGHT, Window

@@ -41,8 +41,6 @@ from monitor.frames import CameraState, CameraStatus, Frame
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
 
-__all__ = ["CameraState", "CameraStatus", "Frame", "Source", "choose_decoder"]
-
 logger = logging.getLogger(__name__)
 
 #: Restart backoff: first delay, cap, and the +/- fraction of jitter.

@@ -23,8 +23,9 @@ from monitor.cli import main
 from monitor.configfile import load_settings
 from monitor.daemon import Daemon
 from monitor.errors import PublishError
+from monitor.frames import CameraState
 from monitor.notify import STALL_GRACE, pipeline_healthy
-from monitor.sources import CameraState, Source
+from monitor.sources import Source
 from tests.conftest import CLIP, base_config, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

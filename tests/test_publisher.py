@@ -8,10 +8,10 @@ import time
 
 from monitor import held as held_module
 from monitor.alerts import Alert, Event
+from monitor.frames import CameraState, CameraStatus
 from monitor.metrics import Metrics
 from monitor.publisher import Publisher
 from monitor.settings import MqttSettings
-from monitor.sources import CameraState, CameraStatus
 from monitor.spool import Outgoing, Spool
 from tests.conftest import make_event, wait_until
 

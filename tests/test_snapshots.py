@@ -12,9 +12,9 @@ import supervision as sv
 
 from monitor.alerts import Alert, AlertRules
 from monitor.camera import CameraPipeline
+from monitor.frames import Frame
 from monitor.settings import FilterSettings, ObjectsSettings, Settings
 from monitor.snapshots import ZONE_COLORS, SnapshotStore, encode_jpeg
-from monitor.sources import Frame
 from monitor.topics import Topics
 from tests.conftest import TEST_LABELS
 
