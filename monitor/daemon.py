@@ -24,12 +24,13 @@ from typing import Any, Literal
 import supervision as sv
 
 from monitor.alerts import Alert
-from monitor.api import Health, HttpServer, create_app
+from monitor.api import Health, create_app
 from monitor.camera import CameraPipeline
 from monitor.cluster import Shard, mine
 from monitor.detector import Detector
 from monitor.errors import MonitorError
 from monitor.frames import CameraState, Frame
+from monitor.http_server import HttpServer
 from monitor.metrics import Metrics
 from monitor.notify import SystemdNotifier, Watchdog, watchdog_interval
 from monitor.pipeline import PipelineStep, at_least

@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
-from monitor.api import Health, HttpServer, create_app
+from monitor.api import Health, create_app
+from monitor.http_server import HttpServer
 from monitor.metrics import Metrics
 from monitor.settings import HttpSettings
 from tests.conftest import CLIP, PEOPLE_JPG, ROOT, base_config, free_port, wait_until
@@ -227,7 +228,8 @@ def test_a_malformed_event_id_is_404_and_never_reaches_the_snapshot_store():
 #: The HTTP server in a child with few descriptors and no connection limit: accept runs out.
 OUT_OF_DESCRIPTORS_SERVER = """
 import os, resource, sys
-from monitor.api import Health, HttpServer, create_app
+from monitor.api import Health, create_app
+from monitor.http_server import HttpServer
 from monitor.logs import configure_logging
 from monitor.metrics import Metrics
 from monitor.settings import HttpSettings, LogSettings

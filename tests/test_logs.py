@@ -11,7 +11,7 @@ import sys
 import pytest
 from fastapi import FastAPI
 
-from monitor.api import HttpServer
+from monitor.http_server import HttpServer
 from monitor.logs import AcceptErrorFilter, configure_logging, redact
 from monitor.settings import HttpSettings, LogSettings
 
