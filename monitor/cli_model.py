@@ -214,7 +214,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         "bench",
         help="measure the pipeline under N streams; optionally against Ultralytics' predict loop",
         description="Run N streams (a clip looped in real time by the real decoder processes, or "
-        "in-process random frames with --synthetic) through the daemon's stages (scheduler, batched "
+        "with --synthetic pre-made random frames that stand-in decoder processes write into the same "
+        "shared memory, decoding nothing) through the daemon's stages (scheduler, batched "
         "detector, ByteTrack, alert rules; events are counted, not published) and print processed and "
         "offered fps, drops, per-stage and capture-to-detection latency percentiles, batch sizes, CPU "
         "and GPU use, and the machine. --compare-naive also times YOLO.predict per frame and batched, "
@@ -249,7 +250,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     bench.add_argument(
         "--synthetic",
         action="store_true",
-        help="random frames made in-process: no decoders (default 1280x720)",
+        help="pre-made random frames written into shared memory by stand-in decoder processes, on "
+        "the same clock, with no decoding (default 1280x720)",
     )
     bench.add_argument("--width", type=int, help="scale frames to this width (with --height)")
     bench.add_argument("--height", type=int, help="scale frames to this height (with --width)")

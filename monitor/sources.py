@@ -40,6 +40,7 @@ from monitor.decoder import (
 from monitor.frames import CameraState, CameraStatus, Frame
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
+from monitor.synthetic import SyntheticFeed, synthetic_main
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,15 @@ class Source:
     """One camera: its decoder child, its watchdog and its newest frame.
 
     Not thread-safe: the daemon's loop calls every method.
+
+    Args:
+        name: Camera name.
+        settings: The camera's settings.
+        fps: Frames per second the child delivers (the camera's detect fps).
+        metrics: Receives the camera's series.
+        on_status: Called with each new state.
+        feed: For ``monitor bench``: a stand-in child writes these pre-made frames into the
+            same slots on the same clock instead of decoding ``settings.url``.
     """
 
     def __init__(
@@ -94,10 +104,12 @@ class Source:
         fps: float,
         metrics: Metrics,
         on_status: Callable[[CameraStatus], None] | None = None,
+        feed: SyntheticFeed | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
         self.fps = fps
+        self._feed = feed
         self._on_status = on_status
         self._slot_bytes = frame_bytes(settings)
         self._shm: SharedMemory | None = None
@@ -196,18 +208,18 @@ class Source:
 
     def _new_process(self, writer: mpc.Connection) -> Any:
         assert self._shm is not None
+        handoff = (self._shm.name, self._slot_bytes, self._latest_seq, writer)
+        if self._feed is not None:  # the bench's stand-in: pre-made frames, nothing decoded
+            return _CTX.Process(
+                target=synthetic_main,
+                name=f"monitor-synthetic-{self.name}",
+                args=(self._feed, self.fps, *handoff),
+                daemon=True,
+            )
         return _CTX.Process(
             target=decoder_main,
             name=f"monitor-decoder-{self.name}",
-            args=(
-                self.settings,
-                self.fps,
-                self._shm.name,
-                self._slot_bytes,
-                self._latest_seq,
-                writer,
-                self._decoder,
-            ),
+            args=(self.settings, self.fps, *handoff, self._decoder),
             daemon=True,
         )
 

@@ -33,7 +33,7 @@
 # Results go to ${OUT:-out}/: machine.txt, clip.txt, bench-64.json, bench-100.json (one JSON
 # report each, see monitor/bench/report.py), their .log (stderr), and summary.txt. A run that cannot
 # get the shared memory its decoders need (a small /dev/shm in a container) is repeated with
-# --synthetic (in-process frames, no decoders) as bench-N-synthetic.json.
+# --synthetic (stand-in decoder children writing pre-made frames into shared memory, no decoding) as bench-N-synthetic.json.
 #
 # Knobs (defaults are the GPU run above; e.g. DEVICE=cpu STREAMS=2 DURATION=5 IMGSZ=320 for a
 # dry run on a CPU box): PYTHON SITE DEVICE STREAMS FPS WIDTH HEIGHT IMGSZ MODEL DURATION WARMUP

@@ -9,13 +9,17 @@ import json
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import yaml
 
-from monitor.bench import STAGES, SyntheticSource, synthetic_frames
+from monitor.bench import STAGES
 from monitor.cli import main
+from monitor.frames import CameraState
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
+from monitor.sources import Source
+from monitor.synthetic import SyntheticFeed, synthetic_frames
 from tests.conftest import CLIP, TEST_LABELS, wait_until
 
 IMGSZ = 320
@@ -178,31 +182,64 @@ def test_slow_camera_gets_its_frames_next_to_a_camera_ten_times_faster_under_ove
     assert slow["processed"] >= 0.8 * slow["delivered"], (slow, fast)
 
 
-def test_synthetic_stream_counts_replaced_frames_as_dropped():
+def test_synthetic_stream_hands_frames_over_through_shared_memory_and_counts_replaced_ones():
+    # A stand-in decoder child writes pre-made frames into the camera's slots on a clock:
+    # what the loop takes is exactly the frame of that sequence number, read from the slot.
     metrics = Metrics()
-    settings = CameraSettings(url="synthetic")
-    images = synthetic_frames(64, 48, count=2)
+    settings = CameraSettings(url="synthetic", detect={"width": 64, "height": 48})
+    expected = synthetic_frames(64, 48, seed=7)
 
     def sample(name: str) -> float:
         return metrics.registry.get_sample_value(name, {"camera": "synth"}) or 0.0
 
-    with SyntheticSource("synth", settings, fps=50, metrics=metrics, images=images, phase=0.0) as source:
+    feed = SyntheticFeed(64, 48, seed=7)
+    with Source("synth", settings, fps=50, metrics=metrics, feed=feed) as source:
 
-        def delivered() -> float:
+        def new_frame() -> bool:
             source.drain()
-            return sample("monitor_camera_frames_total")
+            return source.has_new_frame()
 
-        wait_until(lambda: delivered() >= 1 and source.has_new_frame(), 5, "the first frame", interval=0.01)
+        wait_until(new_frame, 30, "the first frame from the stand-in child", interval=0.01)
+        assert source.state is CameraState.ONLINE
         first = source.take()
         assert first is not None
-        assert first.image.shape == (48, 64, 3)
-        assert source.take() is None  # taken: nothing new until the next frame is due
-        # Two more frames due since the one taken: the first of them is replaced by the second.
-        wait_until(lambda: delivered() >= first.seq + 3, 5, "two more frames", interval=0.01)
-        assert source.has_new_frame()
+        assert np.array_equal(first.image, expected[first.seq % len(expected)])
+        assert source.take() is None  # taken: nothing new until the child sends the next
+        # Two more frames since the one taken: the first of them is replaced by the second.
+        wait_until(lambda: new_frame() and source._ready.seq >= first.seq + 2, 5, "two more frames", 0.01)
         second = source.take()
         assert second is not None
-        assert second.seq > first.seq + 1  # several were due: the newest wins
+        assert second.seq > first.seq + 1  # several arrived: the newest wins
+        assert np.array_equal(second.image, expected[second.seq % len(expected)])
+        delivered = sample("monitor_camera_frames_total")
 
-    assert sample("monitor_camera_frames_total") == second.seq + 1
+    assert delivered >= second.seq + 1
     assert sample("monitor_camera_frames_dropped_total") == second.seq - first.seq - 1
+
+
+def test_synthetic_bench_goes_through_stand_in_decoders_and_reports_per_process_cpu(weights, capsys):
+    report = run_bench(
+        capsys,
+        "--model", str(weights),
+        "--imgsz", "32",
+        "--device", "cpu",
+        "--backend", "torch",
+        "--synthetic",
+        "--width", "320", "--height", "240",
+        "--streams", "3",
+        "--fps", "10",
+        "--duration", "2",
+        "--warmup", "1",
+    )  # fmt: skip
+    assert report["config"]["mode"] == "synthetic"
+    assert report["config"]["decoder"] == "synthetic"
+    pipeline = report["pipeline"]
+    # The frames came from child processes through shared memory: the main process, the
+    # forkserver and one stand-in child per stream are measured, and the children used CPU.
+    cpu = pipeline["cpu"]
+    assert cpu["processes"] >= 1 + 1 + 3, cpu
+    assert cpu["decoders_cores_used"] > 0, cpu
+    assert cpu["main_cores_used"] > 0, cpu
+    assert pipeline["delivered"] > 0
+    assert 0 < pipeline["processed"] <= pipeline["delivered"]
+    assert [s["delivered"] > 0 for s in pipeline["streams"]] == [True, True, True]

@@ -6,8 +6,11 @@ warm-up:
 * file streams: a clip played in real time and looped by the real ``Source``
   decoder children (one process each, shared memory, newest frame wins), so
   the numbers include decoding and the copy out of shared memory;
-* ``synthetic`` streams: random frames made in-process on a fixed clock, no
-  decoders, for the detector and the loop alone (on a GPU box with few cores).
+* ``synthetic`` streams: stand-in decoder children (``monitor.synthetic``)
+  write pre-made random frames into the same shared-memory slots on a fixed
+  clock, decoding nothing: the hand-off, the scheduler, the detector and the
+  loop exactly as for cameras, without decoding's cost (on a GPU box with
+  few cores, or for the main process's cost per frame).
 
 Modules: ``options`` (what to measure), ``load`` (the streams, the clip's
 frames, random weights), ``loop`` (the loop body and what it records),
@@ -31,7 +34,6 @@ compute per frame is that of the real model, but few boxes survive NMS, so
 tracking and alerts cost less than on trained weights.
 """
 
-from monitor.bench.load import SyntheticSource, synthetic_frames
 from monitor.bench.loop import STAGES
 from monitor.bench.naive import compare_naive
 from monitor.bench.options import BenchOptions
@@ -42,8 +44,6 @@ __all__ = [
     "STAGES",
     "BenchOptions",
     "BenchReport",
-    "SyntheticSource",
     "compare_naive",
     "run_bench",
-    "synthetic_frames",
 ]

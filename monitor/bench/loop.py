@@ -7,46 +7,27 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from monitor.alerts import Alert
-from monitor.bench.load import SyntheticSource
 from monitor.camera import CameraPipeline
 from monitor.daemon import LOOP_TICK
 from monitor.detector import Detector
-from monitor.frames import CameraState, Frame
+from monitor.frames import Frame
 from monitor.metrics import STAGES as METRIC_STAGES
 from monitor.metrics import Metrics
 from monitor.pipeline import PipelineStep
-from monitor.scheduler import FrameSource, Scheduler
+from monitor.scheduler import Scheduler
 from monitor.settings import Settings
+from monitor.sources import Source
 from monitor.topics import Topics
 
 #: Prefix of the (never published) snapshot topics.
 BENCH_PREFIX = "bench"
 #: The per-frame and per-batch stages measured here: the daemon's, less publish (no broker here).
 STAGES = tuple(s for s in METRIC_STAGES if s != "publish")
-
-
-class BenchSource(FrameSource, Protocol):
-    """A camera of the bench: a real ``Source`` (decoder child) or a ``SyntheticSource``."""
-
-    state: CameraState
-
-    @property
-    def connection(self) -> mpc.Connection | None:
-        """The pipe to wait on, if any."""
-        ...
-
-    def drain(self) -> None:
-        """Read what the decoder sent."""
-        ...
-
-    def check(self, now: float) -> None:
-        """Watchdog."""
-        ...
 
 
 @dataclass
@@ -102,7 +83,7 @@ class BenchLoop:
     def __init__(
         self,
         settings: Settings,
-        sources: Sequence[BenchSource],
+        sources: Sequence[Source],
         detector: Detector,
         metrics: Metrics,
         recorder: Recorder,
@@ -117,7 +98,6 @@ class BenchLoop:
             name: CameraPipeline(name, settings, detector.label, Topics(BENCH_PREFIX), None)
             for name in settings.cameras
         }
-        self.synthetic = [s for s in sources if isinstance(s, SyntheticSource)]
         # The daemon's own step; events are counted (by the recorder), not published.
         self.pipeline = PipelineStep(
             detector,
@@ -133,10 +113,8 @@ class BenchLoop:
         waitables: list[Any] = [s.connection for s in self.sources if s.connection is not None]
         if waitables:
             mpc.wait(waitables, timeout=LOOP_TICK)
-        elif self.synthetic:  # like waiting on the decoders' pipes: until the next frame is due
-            delay = min(s.next_arrival() for s in self.synthetic) - time.monotonic()
-            if delay > 0:
-                time.sleep(min(delay, LOOP_TICK))
+        else:  # every decoder is between restarts
+            time.sleep(LOOP_TICK)
         now = time.monotonic()
         for source in self.sources:
             source.drain()

@@ -16,7 +16,7 @@ class BenchOptions:
         streams: Number of cameras.
         fps: Detect fps per stream; a list is cycled over the streams (``(20, 2)``: 20, 2, 20...).
         clip: Video played by every file stream (default ``DEFAULT_CLIP``).
-        synthetic: Random frames made in-process instead of decoder children.
+        synthetic: Stand-in decoder children write pre-made random frames (nothing is decoded).
         width: Frames are scaled to this width (with ``height``); default: the clip's size.
         height: See ``width``.
         max_batch: ``detect.max_batch`` (default: the settings').

@@ -125,7 +125,7 @@ class GpuUsage:
 
 @dataclass(frozen=True, slots=True)
 class PipelineResult:
-    """End to end: decoders (or synthetic frames) -> scheduler -> detector -> tracking -> alerts."""
+    """End to end: decoders (or stand-ins) -> shared memory -> scheduler -> detector -> tracking, alerts."""
 
     window_s: float
     requested_fps: float
@@ -199,7 +199,11 @@ class BenchReport:
         gpu = f"{m.gpu} ({m.gpu_memory_gib:.0f} GiB, CUDA {m.cuda})" if m.gpu else "no GPU"
         memory = f"{m.memory_gib:.0f} GiB" if m.memory_gib else "? GiB"
         load = " ".join(f"{v:.2f}" for v in m.loadavg_start or [])
-        source = f"file streams ({c.clip})" if c.mode == "file" else "synthetic streams"
+        source = (
+            f"file streams ({c.clip})"
+            if c.mode == "file"
+            else "synthetic streams (stand-in decoders, shared memory)"
+        )
         fps = "/".join(f"{f:g}" for f in c.fps)
         lines = [
             f"machine: {m.cpu_model}, {m.cpu_cores} cores, {memory}, {gpu}; load average at start {load}",

@@ -18,15 +18,13 @@ from monitor.bench.load import (
     ARCHITECTURE_SUFFIXES,
     DEFAULT_CLIP,
     SYNTHETIC_SIZE,
-    SyntheticSource,
     bench_settings,
     clip_frames,
     clip_size,
     decoded_size,
     random_init_weights,
-    synthetic_frames,
 )
-from monitor.bench.loop import STAGES, BenchLoop, BenchSource, Recorder, sample_gpu
+from monitor.bench.loop import STAGES, BenchLoop, Recorder, sample_gpu
 from monitor.bench.machine import check_shared_memory, cpu_usage, loadavg, machine_info, process_tree_cpu
 from monitor.bench.naive import compare_naive
 from monitor.bench.options import BenchOptions
@@ -47,6 +45,7 @@ from monitor.errors import ConfigError
 from monitor.metrics import Metrics
 from monitor.settings import Settings
 from monitor.sources import Source
+from monitor.synthetic import SyntheticFeed, synthetic_frames
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +91,7 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
             raise ConfigError([f"{what}: {clip} is not a file"])
         size = (options.width, options.height) if options.width and options.height else None
     settings = bench_settings(base, options, "synthetic" if clip is None else str(clip), size)
-    if not options.synthetic:
-        check_shared_memory(settings)
+    check_shared_memory(settings)
     if size is None and clip is not None:
         size = decoded_size(*clip_size(clip))
     frame_size = size if size is not None else SYNTHETIC_SIZE
@@ -116,25 +114,24 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         metrics = Metrics()
         recorder = Recorder()
         with ExitStack() as streams:
-            if options.synthetic:
-                sources: list[BenchSource] = [
-                    streams.enter_context(
-                        SyntheticSource(
-                            name,
-                            camera,
-                            settings.camera_fps(name),
-                            metrics,
-                            pool,
-                            phase=i / options.streams / settings.camera_fps(name),
-                        )
+            # Synthetic streams: stand-in children write pre-made frames into the same
+            # shared-memory slots on the same clock, so the hand-off is the cameras' own.
+            feeds = {
+                name: SyntheticFeed(*frame_size, phase=i / options.streams / settings.camera_fps(name))
+                for i, name in enumerate(settings.cameras)
+            }
+            sources = [
+                streams.enter_context(
+                    Source(
+                        name,
+                        camera,
+                        settings.camera_fps(name),
+                        metrics,
+                        feed=feeds[name] if options.synthetic else None,
                     )
-                    for i, (name, camera) in enumerate(settings.cameras.items())
-                ]
-            else:
-                sources = [
-                    streams.enter_context(Source(name, camera, settings.camera_fps(name), metrics))
-                    for name, camera in settings.cameras.items()
-                ]
+                )
+                for name, camera in settings.cameras.items()
+            ]
             window, cpu = _run_window(settings, options, sources, detector, metrics, recorder)
             states = {s.name: s.state.value for s in sources}
         pipeline = _pipeline_result(settings, metrics, recorder, window, cpu, states, detector)
@@ -163,7 +160,7 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         half=detector.half,
         max_batch=settings.detect.max_batch,
         conf=settings.model.conf,
-        decoder="none" if options.synthetic else options.decoder,
+        decoder="synthetic" if options.synthetic else options.decoder,
         duration_s=options.duration,
         warmup_s=options.warmup,
         naive_frames=options.naive_frames if options.compare_naive else None,
@@ -224,7 +221,7 @@ class _Window:
 def _run_window(
     settings: Settings,
     options: BenchOptions,
-    sources: list[BenchSource],
+    sources: list[Source],
     detector: Detector,
     metrics: Metrics,
     recorder: Recorder,
