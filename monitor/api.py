@@ -19,7 +19,6 @@ waits up to ``PIXEL_WAIT_SECONDS``, then gets 503 with ``Retry-After``.
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -40,15 +39,12 @@ from monitor.metrics import Metrics
 from monitor.predict import ImageError, PredictResponse, open_image, to_response
 from monitor.scheduler import QueueFull
 from monitor.settings import HttpSettings
-from monitor.snapshots import Annotator, encode_jpeg, labels_of
+from monitor.snapshots import EVENT_ID, Annotator, encode_jpeg, labels_of
 
 logger = logging.getLogger(__name__)
 
 #: Most seconds an upload waits for room in the pixel budget before it is told 503.
 PIXEL_WAIT_SECONDS = 5.0
-#: What an event id looks like (``alerts``: ``f"{start_time:.6f}-{token_hex(3)}"``); anything
-#: else is 404 before a file name is built from it.
-EVENT_ID = re.compile(r"[0-9]{1,12}\.[0-9]{6}-[0-9a-f]{6}")
 
 T = TypeVar("T")
 

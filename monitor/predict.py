@@ -177,7 +177,7 @@ class UploadedImage:
 
 
 def _orientation(picture: Image.Image) -> int:
-    """The EXIF (or XMP) orientation, 1 to 8, as ``ImageOps.exif_transpose`` reads it.
+    """The EXIF orientation, 1 to 8, as ``ImageOps.exif_transpose`` reads it from EXIF.
 
     An EXIF block that cannot be read counts as no orientation: the picture is
     used as stored, as cv2.imread does, instead of refusing it.

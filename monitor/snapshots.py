@@ -22,8 +22,9 @@ import supervision as sv
 logger = logging.getLogger(__name__)
 
 JPEG_QUALITY = 85
-#: What event ids look like (``<start time>-<hex>``); anything else never touches the disk.
-EVENT_ID = re.compile(r"^[0-9]+\.[0-9]{6}-[0-9a-f]{6}$")
+#: What event ids look like (``alerts``: ``f"{start_time:.6f}-{token_hex(3)}"``, at most 12
+#: digits of seconds); anything else never touches the disk (nor makes a file name too long).
+EVENT_ID = re.compile(r"[0-9]{1,12}\.[0-9]{6}-[0-9a-f]{6}")
 #: Zone outlines, by the zone's position in the camera's config; none of them is the box colour of
 #: class 0 (``sv.ColorPalette.DEFAULT``), which every event snapshot uses.
 ZONE_COLORS = sv.ColorPalette.from_hex(["#ffff00", "#00ffff", "#ff8000", "#00ff00", "#ff00ff", "#ffffff"])
@@ -171,7 +172,7 @@ class SnapshotStore:
             logger.debug("%s", problem)
 
     def _path(self, event_id: str) -> Path:
-        if not EVENT_ID.match(event_id):
+        if not EVENT_ID.fullmatch(event_id):
             raise ValueError(f"not an event id: {event_id!r}")
         return self.directory / f"{event_id}.jpg"
 
