@@ -278,14 +278,22 @@ def test_running_out_of_descriptors_logs_one_line_per_burst(tmp_path: Path):
 
 @contextmanager
 def descriptors(at_least: int) -> Iterator[None]:
-    """This process's soft RLIMIT_NOFILE raised to ``at_least`` (skip if the hard limit is lower)."""
+    """This process's soft RLIMIT_NOFILE raised to ``at_least`` (the hard one too, where it is lower).
+
+    Raising the hard limit needs root (CAP_SYS_RESOURCE), which the test machines have;
+    without it the test fails and says why.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= at_least:
         yield
         return
-    if hard != resource.RLIM_INFINITY and hard < at_least:
-        pytest.skip(f"needs {at_least} file descriptors, the hard limit is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (at_least, hard))
+    wanted_hard = hard if hard == resource.RLIM_INFINITY or hard >= at_least else at_least
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (at_least, wanted_hard))
+    except (ValueError, PermissionError) as exc:
+        pytest.fail(
+            f"needs {at_least} file descriptors; the hard limit is {hard} and cannot be raised: {exc}"
+        )
     try:
         yield
     finally:

@@ -271,10 +271,9 @@ def test_a_stop_signal_during_start_up_is_a_clean_stop(weights, tmp_path, sig):
 def test_the_soft_open_files_limit_is_raised_to_the_hard_one(weights, tmp_path, command):
     _, hard_now = resource.getrlimit(resource.RLIMIT_NOFILE)
     hard = 4096 if hard_now == resource.RLIM_INFINITY else min(hard_now, 4096)
-    if hard <= 256:
-        pytest.skip(f"the hard RLIMIT_NOFILE here is {hard_now}: nothing to raise a soft 256 to")
+    soft = min(256, hard // 2)  # below whatever hard limit this machine allows
     config = base_config(weights, tmp_path, free_port(), free_port())
-    proc, log_path = start_monitor(tmp_path, config, command, open_files=(256, hard))
+    proc, log_path = start_monitor(tmp_path, config, command, open_files=(soft, hard))
     try:
         line = first_log_line(proc, log_path)
         limits = Path(f"/proc/{proc.pid}/limits").read_text()
