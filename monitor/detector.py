@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from monitor.errors import DetectorError
-from monitor.runtime import choose_runtime, exported_model, resolve_device, sha256_of
+from monitor.runtime import choose_runtime, exported_model, model_task, resolve_device, sha256_of
 from monitor.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class Detector:
                 f"model.path {str(path)!r} could not be loaded as a YOLO model: {type(exc).__name__}: {exc}"
             ) from exc
         self.backend.eval()
-        task = getattr(self.backend, "task", None) or "detect"
+        task = model_task(self.backend)
         if task != "detect":
             raise DetectorError(f"model.path {str(path)!r} is a {task!r} model; a 'detect' model is needed")
         stride = self.backend.stride

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -120,6 +120,31 @@ def exported_model(weights: Path, runtime: Runtime, imgsz: int, sha256: str) -> 
             torch.set_num_threads(threads)
             shutil.rmtree(work, ignore_errors=True)
     raise DetectorError(f"no writable folder to cache the {runtime} export of {weights}")
+
+
+def model_task(backend: Any) -> str:
+    """What an ``AutoBackend`` model does: ``detect``, ``classify``, ``segment``...
+
+    Exports carry it in their metadata; ``.pt`` weights leave it unset, so their
+    network's class says (its saved ``args`` may not: a model built from one YAML
+    and saved keeps the default task), else Ultralytics' ``guess_model_task``.
+    """
+    task = getattr(backend, "task", None) or (getattr(backend, "metadata", None) or {}).get("task")
+    if task:
+        return str(task)
+    from ultralytics.nn.tasks import guess_model_task
+
+    network = getattr(backend, "model", None)
+    if network is None:
+        return "detect"
+    kinds = {
+        "ClassificationModel": "classify",
+        "DetectionModel": "detect",
+        "SegmentationModel": "segment",
+        "PoseModel": "pose",
+        "OBBModel": "obb",
+    }
+    return kinds.get(type(network).__name__) or str(guess_model_task(network))
 
 
 def resolve_device(name: str) -> torch.device:
