@@ -33,6 +33,13 @@ exactly the events it did not send.
 
 ``event_id`` is fixed at ``new`` and repeated in ``update`` and ``end`` so
 consumers can de-duplicate (QoS 1 may deliver twice).
+
+With a classifier (``monitor.sublabels``), tracks it applies to carry a
+``sub_label`` (the species) decided by the vote over their crops. A track
+alerts when its label or its sub_label is in ``objects.track``, so a camera
+tracking only ``elephant`` alerts on animals the classifier calls elephants;
+the sub_label's filter, category and snapshot topic are used where it has
+one, and a change of sub_label is an ``update`` at once (with a new snapshot).
 """
 
 from __future__ import annotations
@@ -49,9 +56,11 @@ import numpy as np
 import supervision as sv
 from pydantic import BaseModel, Field
 
+from monitor.classifier import Classification
 from monitor.frames import Frame
-from monitor.settings import Category, ObjectsSettings, Point
+from monitor.settings import Category, ClassifierSettings, FilterSettings, ObjectsSettings, Point
 from monitor.snapshots import Annotator, encode_jpeg
+from monitor.sublabels import SubLabeler, Vote
 from monitor.topics import Topics
 from monitor.zones import to_pixels
 
@@ -65,8 +74,12 @@ class Event(BaseModel):
     type: EventType
     event_id: str = Field(description="Stable for one track's new, update and end.")
     camera: str
-    label: str
-    category: Category = Field("other", description="wildlife, person, vehicle or other.")
+    label: str = Field(description="The detector's class (after model.labels).")
+    sub_label: str | None = Field(
+        None, description="The classifier's class by vote over the track's crops; null below its min_score."
+    )
+    sub_label_score: float | None = Field(None, description="The sub_label's vote score (0-1), else null.")
+    category: Category = Field("other", description="wildlife, person, vehicle or other (of the sub_label).")
     score: float = Field(description="Score in the frame this event reports.")
     top_score: float = Field(description="Best score of the track so far.")
     box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in frame pixels.")
@@ -124,6 +137,15 @@ class _Track:
     best_score: float = -1.0
     sent_best: float = -1.0  # best_score of the last snapshot sent
     seen_now: bool = False
+    vote: Vote = field(default_factory=Vote)
+    sub_label: str | None = None
+    sub_label_score: float | None = None
+    sent_sub: str | None = None  # sub_label of the last event sent
+
+    @property
+    def shown(self) -> str:
+        """The label events are filed under: the sub_label when there is one."""
+        return self.sub_label or self.label
 
 
 def _iou(a: list[float], b: list[float]) -> float:
@@ -141,6 +163,7 @@ class AlertRules:
         instance: The daemon's instance id, reported in events.
         required_zones: Zones an object must enter before it alerts (none: anywhere).
         zones: The camera's zone polygons by name (pixels or fractions), drawn on snapshots.
+        classifier: The classifier as this camera uses it (none: no sub_labels).
     """
 
     def __init__(
@@ -152,6 +175,7 @@ class AlertRules:
         instance: str | None = None,
         required_zones: list[str] | None = None,
         zones: Mapping[str, list[Point]] | None = None,
+        classifier: ClassifierSettings | None = None,
     ) -> None:
         self.camera = camera
         self.objects = objects
@@ -165,9 +189,39 @@ class AlertRules:
         self._last_new: dict[str, float] = {}
         self._recent_news: deque[float] = deque()
         self._annotator = Annotator()
+        self.sublabeler = SubLabeler(classifier, objects.category_of) if classifier is not None else None
+        self._early: dict[int, Vote] = {}  # votes of ByteTrack ids cropped before their first update
+
+    def wanted(self, tracked: sv.Detections, now: float) -> list[int]:
+        """Which of a frame's tracked detections to crop for the classifier (indices).
+
+        Call before ``update`` with the same detections and the frame's capture time
+        ``now``; pass the classifications to ``update``.
+        """
+        sublabeler = self.sublabeler
+        if sublabeler is None or len(tracked) == 0:
+            return []
+        assert tracked.confidence is not None
+        assert tracked.tracker_id is not None
+        wanted = []
+        rows = zip(tracked.tracker_id, tracked.data["class_name"], tracked.confidence, strict=True)
+        for i, (track_id, label, score) in enumerate(rows):
+            if not sublabeler.applies(str(label)):
+                continue
+            key = int(track_id)
+            track = self._tracks.get(self._aliases.get(key, key))
+            vote = track.vote if track is not None else self._early.setdefault(key, Vote())
+            if sublabeler.due(vote, float(score), now):
+                sublabeler.ask(vote, float(score), now)
+                wanted.append(i)
+        return wanted
 
     def update(
-        self, tracked: sv.Detections, frame: Frame, zones: list[list[str]] | None = None
+        self,
+        tracked: sv.Detections,
+        frame: Frame,
+        zones: list[list[str]] | None = None,
+        classes: Mapping[int, Classification] | None = None,
     ) -> list[Alert]:
         """Feed one analysed frame's tracked detections; return the events it causes.
 
@@ -175,8 +229,10 @@ class AlertRules:
             tracked: Detections with ``tracker_id`` (and ``data["class_name"]``).
             frame: The frame they came from (time, picture for snapshots).
             zones: For each detection, the zones it stands in.
+            classes: The classifier's results for the detections ``wanted`` asked for, by index.
         """
         now = frame.capture_time
+        classes = classes or {}
         for track in self._tracks.values():
             track.seen_now = False
         zones = zones if zones is not None else [[] for _ in range(len(tracked))]
@@ -191,10 +247,11 @@ class AlertRules:
                 zones,
                 strict=True,
             )
-            for xyxy, score, track_id, label, where in rows:
+            for i, (xyxy, score, track_id, label, where) in enumerate(rows):
                 box = [round(float(v), 1) for v in xyxy]
                 track = self._track_for(int(track_id), str(label), box, now)
                 self._observe(track, str(label), box, float(score), where, frame)
+                self._classified(track, classes.get(i))
         alerts = []
         for track in self._tracks.values():
             if not track.seen_now:
@@ -205,6 +262,16 @@ class AlertRules:
                 alerts.append(alert)
         alerts.extend(self.expire(now))
         return alerts
+
+    def _classified(self, track: _Track, result: Classification | None) -> None:
+        sublabeler = self.sublabeler
+        if sublabeler is None:
+            return
+        if result is None:
+            track.vote.asked = False  # a crop asked for and not classified is asked for again
+            return
+        sublabeler.add(track.vote, result)
+        track.sub_label, track.sub_label_score = sublabeler.sub_label(track.vote)
 
     def expire(self, now: float) -> list[Alert]:
         """End the tracks unseen for too long (call while a camera is down, too).
@@ -217,6 +284,10 @@ class AlertRules:
         """
         decided = min(now, time.time())
         alerts = []
+        for track_id in [
+            k for k, v in self._early.items() if now - v.last_time >= self.objects.max_disappeared
+        ]:
+            del self._early[track_id]  # cropped, then never updated (the step failed)
         for track_id, track in list(self._tracks.items()):
             limit = (
                 self.objects.stationary_max_disappeared if track.stationary else self.objects.max_disappeared
@@ -245,9 +316,11 @@ class AlertRules:
                 and _iou(other.rest_box, box) >= self.objects.stationary_iou
             ):
                 self._aliases[track_id] = other.track_id
+                self._early.pop(track_id, None)
                 return other
         history: deque[float] = deque(maxlen=self.objects.score_history)
         track = _Track(track_id, label, now, history, now, box, rest_box=box, still_since=now)
+        track.vote = self._early.pop(track_id, track.vote)
         self._tracks[track_id] = track
         return track
 
@@ -263,7 +336,7 @@ class AlertRules:
         track.entered.extend(z for z in where if z not in track.entered)
         if track.event_id is None:
             track.label = label  # the label may settle while the track is unconfirmed
-        rule = self.objects.filter_for(track.label)
+        rule = self._filter(track)
         good = score >= rule.min_score
         track.scores.append(score if good else 0.0)
         if good:
@@ -275,20 +348,32 @@ class AlertRules:
         elif now - track.still_since >= self.objects.stationary_after:
             track.stationary = True
 
+    def _filter(self, track: _Track) -> FilterSettings:
+        """The sub_label's filter where it has one, else the label's."""
+        if track.sub_label is not None and track.sub_label in self.objects.filters:
+            return self.objects.filters[track.sub_label]
+        return self.objects.filter_for(track.label)
+
     def _decide(self, track: _Track, now: float) -> Alert | None:
-        rule = self.objects.filter_for(track.label)
+        rule = self._filter(track)
         if track.event_id is None:
             if (
-                track.score < rule.min_score
+                (track.label not in self.objects.track and track.sub_label not in self.objects.track)
+                or track.score < rule.min_score
                 or track.hits < rule.min_frames
                 or statistics.median(track.scores) < rule.threshold
                 or (self.required_zones and not self.required_zones.intersection(track.entered))
             ):
                 return None
             track.event_id = f"{track.start_time:.6f}-{secrets.token_hex(3)}"
-            track.silenced = self._silence(track.label, now)
+            track.silenced = self._silence(track.shown, now)
             track.last_sent, track.sent_top, track.sent_zones = now, track.top_score, tuple(track.zones)
+            track.sent_sub = track.sub_label
             return self._alert("new", track, now, snapshot=self._snapshot(track))
+        if track.sub_label != track.sent_sub:  # the species changed: say so at once
+            track.last_sent, track.sent_top, track.sent_zones = now, track.top_score, tuple(track.zones)
+            track.sent_sub = track.sub_label
+            return self._alert("update", track, now, snapshot=self._snapshot(track))
         if track.stationary or now - track.last_sent < self.objects.update_interval:
             return None
         better = track.top_score > track.sent_top
@@ -325,7 +410,9 @@ class AlertRules:
             event_id=track.event_id,
             camera=self.camera,
             label=track.label,
-            category=self.objects.category_of(track.label),
+            sub_label=track.sub_label,
+            sub_label_score=track.sub_label_score if track.sub_label is not None else None,
+            category=self.objects.category_of(track.shown),
             score=round(track.score, 4),
             top_score=round(track.top_score, 4),
             box=track.box,
@@ -338,7 +425,7 @@ class AlertRules:
             stationary=track.stationary,
             model=self.model,
             instance=self.instance,
-            snapshot=self.topics.snapshot(self.camera, track.label) if snapshot is not None else None,
+            snapshot=self.topics.snapshot(self.camera, track.shown) if snapshot is not None else None,
         )
         return Alert(event, snapshot, frame_time, track.silenced)
 
@@ -354,6 +441,7 @@ class AlertRules:
             confidence=np.array([track.best_score], dtype=np.float32),
             class_id=np.array([0]),
         )
-        label = f"{track.label} {track.best_score:.2f}"
+        named = f"{track.sub_label} ({track.label})" if track.sub_label else track.label
+        label = f"{named} {track.best_score:.2f}"
         scene = self._annotator.draw(track.best_image, detections, [label], zones)
         return encode_jpeg(scene)

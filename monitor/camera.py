@@ -1,22 +1,47 @@
 """One camera's stages after the detector: masks and size filters, ByteTrack, zones, alert rules.
 
-Shared by the daemon (one per camera) and ``monitor replay`` (one for the
-file), so both make exactly the same decisions.
+Shared by the daemon (one per camera), ``monitor bench`` and ``monitor
+replay``, so all make exactly the same decisions. A frame goes through in two
+halves, so that crops of every camera's frames of one batch can go through
+the classifier together in between: ``track`` (masks, filters, ByteTrack,
+zones, and which tracks to crop), then ``judge`` (the alert rules, given the
+crops' classes).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import supervision as sv
 
 from monitor.alerts import Alert, AlertRules
+from monitor.classifier import Classification
 from monitor.frames import Frame
 from monitor.settings import Settings
 from monitor.topics import Topics
 from monitor.tracking import CameraTracker
 from monitor.zones import Regions
+
+
+@dataclass(frozen=True, slots=True)
+class Tracked:
+    """One frame after ``track``.
+
+    Attributes:
+        frame: The frame.
+        detections: Its tracked detections (``tracker_id`` set).
+        zones: For each detection, the zones it stands in.
+        wanted: Indices of the detections to classify (crops of ``frame.image``).
+        seconds: Time ``track`` took.
+    """
+
+    frame: Frame
+    detections: sv.Detections
+    zones: list[list[str]]
+    wanted: list[int]
+    seconds: float
 
 
 class CameraPipeline:
@@ -35,8 +60,7 @@ class CameraPipeline:
     ) -> None:
         camera = settings.cameras[name]
         objects = settings.objects.merged(camera.objects)
-        self.regions = Regions(camera, objects)
-        self.tracker = CameraTracker(settings.objects.tracker, settings.camera_fps(name), objects.track)
+        self.classifier = settings.classifier_for(name)
         self.rules = AlertRules(
             name,
             objects,
@@ -45,20 +69,36 @@ class CameraPipeline:
             instance=instance,
             required_zones=camera.required_zones,
             zones={zone: z.coordinates for zone, z in camera.zones.items()},
+            classifier=self.classifier,
         )
+        sublabeler = self.rules.sublabeler
+        # With a classifier, the labels it applies to are tracked too: it may name a tracked one.
+        self.regions = Regions(camera, objects, also=sublabeler.applies if sublabeler is not None else None)
+        labels = objects.track if sublabeler is None else None  # the regions chose already
+        self.tracker = CameraTracker(settings.objects.tracker, settings.camera_fps(name), labels)
         self.track_ids: set[int] = set()  # every ByteTrack id seen (replay's summary)
 
-    def process(self, detections: sv.Detections, frame: Frame) -> Processed:
-        """Track one frame's detections and apply the alert rules."""
+    def track(self, detections: sv.Detections, frame: Frame) -> Tracked:
+        """Masks, size filters, ByteTrack and zones for one frame, and the detections to crop."""
         height, width = frame.image.shape[:2]
         start = time.perf_counter()
         kept = self.regions.keep(detections, height, width)
         tracked = self.tracker.update(kept, frame.capture_time)
         if tracked.tracker_id is not None:
             self.track_ids.update(int(i) for i in tracked.tracker_id)
-        tracked_at = time.perf_counter()
-        alerts = self.rules.update(tracked, frame, self.regions.zones_of(tracked, height, width))
-        return Processed(alerts, tracked_at - start, time.perf_counter() - tracked_at)
+        zones = self.regions.zones_of(tracked, height, width)
+        wanted = self.rules.wanted(tracked, frame.capture_time)
+        return Tracked(frame, tracked, zones, wanted, time.perf_counter() - start)
+
+    def judge(self, tracked: Tracked, classes: Mapping[int, Classification] | None = None) -> Processed:
+        """The alert rules on one tracked frame, given the classes of its ``wanted`` crops."""
+        start = time.perf_counter()
+        alerts = self.rules.update(tracked.detections, tracked.frame, tracked.zones, classes)
+        return Processed(alerts, tracked.seconds, time.perf_counter() - start)
+
+    def process(self, detections: sv.Detections, frame: Frame) -> Processed:
+        """``track`` then ``judge``, without a classifier's results (their crops are asked again)."""
+        return self.judge(self.track(detections, frame))
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +107,8 @@ class Processed:
 
     Attributes:
         alerts: Events the frame caused, in order.
-        tracking: Seconds for masks, size filters and ByteTrack.
-        rules: Seconds for zones and the alert rules.
+        tracking: Seconds for masks, size filters, ByteTrack and zones.
+        rules: Seconds for the alert rules.
     """
 
     alerts: list[Alert]

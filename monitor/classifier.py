@@ -27,6 +27,7 @@ import torch
 
 from monitor.errors import DetectorError
 from monitor.runtime import choose_runtime, exported_model, model_task, resolve_device, sha256_of
+from monitor.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def square_crop(
         out[sy1 - top : sy2 - top, sx1 - left : sx2 - left] = image[sy1:sy2, sx1:sx2]
     if size is not None and n != size:
         interpolation = cv2.INTER_AREA if n > size else cv2.INTER_LINEAR
-        out = cv2.resize(out, (size, size), interpolation=interpolation)
+        return np.asarray(cv2.resize(out, (size, size), interpolation=interpolation), np.uint8)
     return out
 
 
@@ -82,6 +83,7 @@ class Classifier:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the detector's).
         backend: ``model.backend``: ``auto``, ``torch``, ``openvino`` or ``onnx``.
         labels: Rename classes: ``{model_name: new_name}``.
+        max_batch: The most crops one forward pass gets (callers chunk by it).
 
     Raises:
         DetectorError: The weights are missing, unreadable or not a classification model.
@@ -94,6 +96,7 @@ class Classifier:
         device: str = "auto",
         backend: str = "auto",
         labels: dict[str, str] | None = None,
+        max_batch: int = 64,
     ) -> None:
         from ultralytics.nn.autobackend import AutoBackend  # heavy import, only here
 
@@ -101,6 +104,7 @@ class Classifier:
             raise DetectorError(f"classifier.path {str(path)!r} does not exist")
         self.path = path
         self.imgsz = imgsz
+        self.max_batch = max_batch
         self.sha256 = sha256_of(path)
         self.device = resolve_device(device)
         self.half = self.device.type == "cuda"
@@ -109,17 +113,24 @@ class Classifier:
         if self.runtime != "torch" and path.suffix == ".pt":
             weights = exported_model(path, self.runtime, imgsz, self.sha256)
         try:
-            self.backend = AutoBackend(str(weights), device=self.device, fp16=self.half, fuse=True, verbose=False)
+            self.backend = AutoBackend(
+                str(weights), device=self.device, fp16=self.half, fuse=True, verbose=False
+            )
         except Exception as exc:  # Ultralytics raises many kinds; all mean "unusable file"
+            reason = f"{type(exc).__name__}: {exc}"
             raise DetectorError(
-                f"classifier.path {str(path)!r} could not be loaded as a YOLO model: {type(exc).__name__}: {exc}"
+                f"classifier.path {str(path)!r} could not be loaded as a YOLO model: {reason}"
             ) from exc
         self.backend.eval()
         task = model_task(self.backend)
         if task != "classify":
-            raise DetectorError(f"classifier.path {str(path)!r} is a {task!r} model; a 'classify' model is needed")
+            raise DetectorError(
+                f"classifier.path {str(path)!r} is a {task!r} model; a 'classify' model is needed"
+            )
         renames = labels or {}
-        self.names: dict[int, str] = {i: renames.get(n, n) for i, n in dict(self.backend.names).items()}
+        self.names: dict[int, str] = {
+            int(i): renames.get(str(n)) or str(n) for i, n in dict(self.backend.names).items()
+        }
         self.label = f"{path.name}@{self.sha256[:12]}"
         logger.info(
             "classifier %s loaded on %s with %s (sha256 %s, classes %s)",
@@ -158,11 +169,31 @@ class Classifier:
             out = self.backend(tensor.div_(255).contiguous())
             if isinstance(out, (list, tuple)):
                 out = out[0]
-            probs = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
-        return probs.reshape(len(crops), -1)
+            probs = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+        return np.asarray(probs, np.float32).reshape(len(crops), -1)
 
     def classify(self, crops: Sequence[np.ndarray]) -> list[Classification]:
         """The top class of each crop, in order."""
         probs = self.probabilities(crops)
         top = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
-        return [Classification(self.names.get(int(c), str(int(c))), float(p[c])) for c, p in zip(top, probs, strict=True)]
+        return [
+            Classification(self.names.get(int(c), str(int(c))), float(p[c]))
+            for c, p in zip(top, probs, strict=True)
+        ]
+
+
+def load_classifier(settings: Settings) -> Classifier | None:
+    """The configured classifier, on the detector's device and runtime choice, warmed up (or None).
+
+    Raises:
+        DetectorError: The weights are missing, unreadable or not a classification model.
+    """
+    section = settings.classifier
+    if section is None:
+        return None
+    model = settings.model
+    classifier = Classifier(
+        section.path, section.imgsz, model.device, model.backend, section.labels, section.max_batch
+    )
+    classifier.classify([np.full((section.imgsz, section.imgsz, 3), PAD_VALUE, np.uint8)])  # warm-up
+    return classifier

@@ -26,6 +26,7 @@ import supervision as sv
 from monitor.alerts import Alert
 from monitor.api import Health, create_app
 from monitor.camera import CameraPipeline
+from monitor.classifier import load_classifier
 from monitor.cluster import Shard, mine
 from monitor.detector import Detector
 from monitor.errors import MonitorError
@@ -55,7 +56,7 @@ SYNCHRONOUS: dict[str, Literal["FULL", "NORMAL", "AUTO"]] = {
 #: Uploaded pictures take at most 1/UPLOAD_SHARE of a batch next to camera frames.
 UPLOAD_SHARE = 4
 #: Sections read once at start (the model, connections, files, logging): a reload keeps them.
-RESTART_SECTIONS = ("model", "mqtt", "http", "spool", "snapshots", "log", "cluster")
+RESTART_SECTIONS = ("model", "classifier", "mqtt", "http", "spool", "snapshots", "log", "cluster")
 #: detect keys the detector and the loop read once at start (detect.fps applies on reload).
 RESTART_DETECT_KEYS = ("max_batch", "max_wait_ms", "max_age_ms")
 
@@ -140,6 +141,7 @@ class Daemon:
             stack.enter_context(HttpServer(settings.http, app))
             detector = Detector(settings.model, settings.detect.max_batch)
             logger.info("warm-up took %.2f s", detector.warmup())
+            classifier = load_classifier(settings)
             # Read at scrape time, under systemd or not.
             self.metrics.gpu_memory.set_function(detector.memory_bytes)
             self.health.model_ready = True
@@ -171,6 +173,7 @@ class Daemon:
                 self.metrics,
                 settings.model.conf,
                 on_alerts=lambda alerts: self._publish(alerts, publisher) if publisher is not None else None,
+                classifier=classifier,
             )
             self._loop(stop, detector, publisher, requests)
 

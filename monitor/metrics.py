@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from monitor import __version__
 
 SUPPRESSION_REASONS = ("cooldown", "rate_limit")
-STAGES = ("preprocess", "inference", "postprocess", "tracking", "alerts", "publish")
+STAGES = ("preprocess", "inference", "postprocess", "tracking", "classify", "alerts", "publish")
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -39,7 +39,7 @@ class Metrics:
         )
         self.stage_duration = Histogram(
             "monitor_stage_duration_seconds",
-            "Time spent per pipeline stage, per batch (tracking, alerts: per frame).",
+            "Time per pipeline stage, per batch (tracking, alerts: per frame; classify: per batch of crops).",
             ["stage"],
             buckets=STAGE_BUCKETS,
             registry=r,
@@ -135,6 +135,12 @@ class Metrics:
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds... of this process.
         ProcessCollector(registry=r)
         self.ready = Gauge("monitor_ready", "1 once the model is loaded and warmed up.", registry=r)
+        self.classifier_crops = Counter(
+            "monitor_classifier_crops",
+            "Crops of tracked objects the classifier named.",
+            ["camera"],
+            registry=r,
+        )
         self.loop_iterations = Counter(
             "monitor_loop_iterations", "Iterations of the pipeline loop.", registry=r
         )
@@ -151,6 +157,7 @@ class Metrics:
             self.camera_frame_age,
             self.events,
             self.events_suppressed,
+            self.classifier_crops,
         )
 
     def add_camera(self, camera: str) -> None:

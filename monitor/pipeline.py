@@ -2,14 +2,17 @@
 
 A step takes the frames the scheduler picked (and, in the daemon, uploaded
 pictures riding along), runs them through the detector in one batch, then
-each frame through its camera's stages (masks, ByteTrack, zones, alert
-rules), observing every stage in the metrics. What happens to the alerts is
+each frame through its camera's tracking (masks, ByteTrack, zones), the crops
+of every frame's tracks that are due through the classifier in one batch
+(when there is one), and each frame through its camera's alert rules,
+observing every stage in the metrics. What happens to the alerts is
 the caller's: the daemon publishes them, the bench counts them, replay keeps
 them. So the numbers the bench reports describe the daemon's own code.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
@@ -18,10 +21,15 @@ import numpy as np
 import supervision as sv
 
 from monitor.alerts import Alert
-from monitor.camera import CameraPipeline
+from monitor.camera import CameraPipeline, Tracked
+from monitor.classifier import Classification, Classifier
 from monitor.detector import Detector
 from monitor.frames import Frame
 from monitor.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+#: Seconds between two log lines of a failing classifier.
+_CLASSIFIER_LOG_EVERY = 60.0
 
 
 class StepObserver(Protocol):
@@ -29,6 +37,10 @@ class StepObserver(Protocol):
 
     def batch(self, stages: Mapping[str, float], size: int) -> None:
         """One forward pass: seconds per detector stage, and the images in it."""
+        ...
+
+    def classified(self, seconds: float, crops: int) -> None:
+        """One classifier pass over the step's crops: its seconds and the crops in it."""
         ...
 
     def frame(
@@ -55,6 +67,7 @@ class PipelineStep:
         floor: ``model.conf``: detections below it never reach the cameras' stages.
         on_alerts: Receives each frame's alerts (timed as the ``publish`` stage).
         observer: Sees the measurements too.
+        classifier: Names the crops the cameras ask for (none: cameras get no sub_labels).
     """
 
     def __init__(
@@ -65,8 +78,11 @@ class PipelineStep:
         floor: float,
         on_alerts: Callable[[list[Alert]], None],
         observer: StepObserver | None = None,
+        classifier: Classifier | None = None,
     ) -> None:
         self.detector = detector
+        self.classifier = classifier
+        self._classifier_failed_at = float("-inf")
         self.cameras = cameras
         self.metrics = metrics
         self.floor = floor
@@ -105,10 +121,15 @@ class PipelineStep:
             self.observer.batch(batch_stages, len(images))
         if on_pictures is not None:
             on_pictures(detected.detections[len(frames) :])
+        tracked = []
         for frame, found in zip(frames, detected.detections, strict=False):
             self.metrics.frames_processed.labels(frame.camera).inc()
             self.metrics.detect_latency.observe(max(0.0, done - frame.capture_time))
-            processed = self.cameras[frame.camera].process(at_least(found, self.floor), frame)
+            tracked.append(self.cameras[frame.camera].track(at_least(found, self.floor), frame))
+        classes = self._classify(tracked)
+        for item, named in zip(tracked, classes, strict=True):
+            frame = item.frame
+            processed = self.cameras[frame.camera].judge(item, named)
             steps, alerts = processed.stages(), processed.alerts
             if alerts:
                 started = time.perf_counter()
@@ -118,6 +139,42 @@ class PipelineStep:
                 stage.labels(name).observe(seconds)
             if self.observer is not None:
                 self.observer.frame(frame, done, steps, alerts)
+
+    def _classify(self, tracked: list[Tracked]) -> list[dict[int, Classification]]:
+        """The classes of every frame's wanted crops, in one batch (chunks of ``max_batch``).
+
+        A classifier that fails costs the sub_labels of this step, never its alerts:
+        the crops are asked for again later, and the failure is logged once a minute.
+        """
+        named: list[dict[int, Classification]] = [{} for _ in tracked]
+        classifier = self.classifier
+        if classifier is None or not any(t.wanted for t in tracked):
+            return named
+        started = time.perf_counter()
+        crops, owners = [], []
+        for n, item in enumerate(tracked):
+            if item.wanted:
+                crops += classifier.crops(item.frame.image, item.detections.xyxy[item.wanted].tolist())
+                owners += [(n, i) for i in item.wanted]
+        results: list[Classification] = []
+        try:
+            for first in range(0, len(crops), classifier.max_batch):
+                results += classifier.classify(crops[first : first + classifier.max_batch])
+        except Exception:
+            if started - self._classifier_failed_at >= _CLASSIFIER_LOG_EVERY:
+                self._classifier_failed_at = started
+                logger.exception(
+                    "the classifier failed on %d crop(s); events go out without sub_labels", len(crops)
+                )
+            return named
+        for (n, i), result in zip(owners, results, strict=True):
+            named[n][i] = result
+            self.metrics.classifier_crops.labels(tracked[n].frame.camera).inc()
+        seconds = time.perf_counter() - started
+        self.metrics.stage_duration.labels("classify").observe(seconds)
+        if self.observer is not None:
+            self.observer.classified(seconds, len(crops))
+        return named
 
 
 def at_least(detections: sv.Detections, conf: float) -> sv.Detections:

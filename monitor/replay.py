@@ -20,6 +20,7 @@ import supervision as sv
 
 from monitor.alerts import Alert
 from monitor.camera import CameraPipeline
+from monitor.classifier import load_classifier
 from monitor.detector import Detector
 from monitor.errors import SourceError
 from monitor.frames import Frame
@@ -123,7 +124,14 @@ def run_replay(
     last_time = 0.0
 
     # The daemon's own step, on batches of consecutive frames of the one camera (in order).
-    step = PipelineStep(detector, {name: pipeline}, Metrics(), settings.model.conf, on_alerts=alerts.extend)
+    step = PipelineStep(
+        detector,
+        {name: pipeline},
+        Metrics(),
+        settings.model.conf,
+        on_alerts=alerts.extend,
+        classifier=load_classifier(settings),
+    )
 
     def flush() -> None:
         step.run(pending)

@@ -144,7 +144,7 @@ def model_task(backend: Any) -> str:
         "PoseModel": "pose",
         "OBBModel": "obb",
     }
-    return kinds.get(type(network).__name__) or str(guess_model_task(network))
+    return kinds.get(type(network).__name__) or str(guess_model_task(network))  # type: ignore[no-untyped-call]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from monitor import settings_sources
+from monitor.classifier_settings import CameraClassifierSettings, ClassifierSettings, Seconds
 from monitor.cluster import ClusterSettings
 from monitor.names import CameraName, TopicName
 from monitor.objects_settings import (
@@ -39,11 +40,13 @@ __all__ = [
     "DEFAULT_CATEGORIES",
     "DEVICE",
     "STREAM_SCHEMES",
+    "CameraClassifierSettings",
     "CameraDetectSettings",
     "CameraName",
     "CameraObjectsSettings",
     "CameraSettings",
     "Category",
+    "ClassifierSettings",
     "DetectSettings",
     "FilterSettings",
     "HttpSettings",
@@ -52,6 +55,7 @@ __all__ = [
     "MqttSettings",
     "ObjectsSettings",
     "Point",
+    "Seconds",
     "Settings",
     "SnapshotSettings",
     "SpoolSettings",
@@ -327,6 +331,9 @@ class CameraSettings(_Section):
     masks: list[list[Point]] = Field(
         default_factory=list, description="Polygons where nothing is ever detected (trees in the wind)."
     )
+    classifier: CameraClassifierSettings | None = Field(
+        None, description="Changes to the classifier for this camera; false turns it off here."
+    )
 
     @field_validator("masks")
     @classmethod
@@ -378,6 +385,9 @@ class Settings(BaseSettings):
     snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    classifier: ClassifierSettings | None = Field(
+        None, description="Species (finer class) on crops of tracked objects; none: the detector's labels."
+    )
     # Each bad name is its own problem (a validator over the whole dict would stop at the first).
     cameras: dict[CameraName, CameraSettings] = Field(default_factory=dict)
 
@@ -392,6 +402,22 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The sources live in monitor.settings_sources, which knows no settings class.
         return settings_sources.sources(settings_cls, init_settings, env_settings, file_secret_settings)
+
+    @model_validator(mode="after")
+    def _classifier_to_override(self) -> Settings:
+        if self.classifier is None:
+            lonely = sorted(
+                n for n, c in self.cameras.items() if c.classifier is not None and c.classifier.enabled
+            )
+            if lonely:
+                raise ValueError(f"cameras {lonely} change the classifier, but no classifier section is set")
+        return self
+
+    def classifier_for(self, name: str) -> ClassifierSettings | None:
+        """The classifier as camera ``name`` uses it, or None when it has none."""
+        if self.classifier is None:
+            return None
+        return self.classifier.merged(self.cameras[name].classifier)
 
     def camera_fps(self, name: str) -> float:
         """The detect fps of camera ``name``."""

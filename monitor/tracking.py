@@ -29,11 +29,11 @@ class CameraTracker:
     Args:
         settings: The ``objects.tracker`` section.
         fps: The camera's detect fps (ByteTrack's reference frame rate).
-        labels: Only detections with these class names are tracked.
+        labels: Only detections with these class names are tracked (None: every detection).
     """
 
-    def __init__(self, settings: TrackerSettings, fps: float, labels: list[str]) -> None:
-        self._labels = np.array(sorted(set(labels)), dtype=object)
+    def __init__(self, settings: TrackerSettings, fps: float, labels: list[str] | None) -> None:
+        self._labels = None if labels is None else np.array(sorted(set(labels)), dtype=object)
         self._tracker = ByteTrackTracker(
             lost_track_buffer=max(1, round(settings.lost_seconds * 30)),  # counted in 30 fps frames
             frame_rate=fps,
@@ -53,7 +53,7 @@ class CameraTracker:
         Returns:
             The tracked detections (``tracker_id`` >= 0) of the tracked labels.
         """
-        if len(detections):
+        if len(detections) and self._labels is not None:
             keep = np.isin(detections.data["class_name"], self._labels)
             detections = detections[keep]  # type: ignore[assignment]  # mask indexing gives Detections
         tracked: sv.Detections = self._tracker.update(detections, timestamp=timestamp)

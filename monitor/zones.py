@@ -7,6 +7,8 @@ when the bottom centre of its box is: where it stands, as in Frigate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import supervision as sv
 
@@ -31,12 +33,16 @@ class Regions:
     Args:
         camera: The camera's settings (zones, masks).
         objects: The camera's effective ``objects`` settings (labels, filters).
+        also: Labels kept besides ``objects.track`` (those the classifier may name a tracked one).
     """
 
-    def __init__(self, camera: CameraSettings, objects: ObjectsSettings) -> None:
+    def __init__(
+        self, camera: CameraSettings, objects: ObjectsSettings, also: Callable[[str], bool] | None = None
+    ) -> None:
         self._camera = camera
         self._objects = objects
         self._labels = np.array(sorted(set(objects.track)), dtype=object)
+        self._also = also
         self._shape: tuple[int, int] | None = None
         self._masks: list[sv.PolygonZone] = []
         self._zones: list[tuple[str, sv.PolygonZone, set[str] | None]] = []
@@ -64,6 +70,8 @@ class Regions:
         self._resolve(height, width)
         names = detections.data["class_name"]
         keep = np.isin(names, self._labels)
+        if self._also is not None:
+            keep |= np.fromiter((self._also(str(n)) for n in names), bool, len(names))
         for mask in self._masks:
             keep &= ~mask.trigger(detections)
         frame_area = float(height * width)

@@ -34,6 +34,7 @@ UNITLESS = {
     "monitor_camera_frames_processed",
     "monitor_camera_frames_dropped",
     "monitor_events",
+    "monitor_classifier_crops",
     "monitor_events_suppressed",
     "monitor_camera_up",
     "monitor_camera_enabled",

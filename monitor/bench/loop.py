@@ -13,6 +13,7 @@ import torch
 
 from monitor.alerts import Alert
 from monitor.camera import CameraPipeline
+from monitor.classifier import Classifier
 from monitor.daemon import LOOP_TICK
 from monitor.detector import Detector
 from monitor.frames import Frame
@@ -39,6 +40,7 @@ class Recorder:
     to_detections: list[float] = field(default_factory=list)
     to_alerts: list[float] = field(default_factory=list)
     batches: list[int] = field(default_factory=list)
+    crops: int = 0
     events: Counter[str] = field(default_factory=Counter)
     gpu_samples: list[float] = field(default_factory=list)
     gpu_error: str | None = None
@@ -49,6 +51,12 @@ class Recorder:
             for name, seconds in stages.items():
                 self.stages[name].append(seconds)
             self.batches.append(size)
+
+    def classified(self, seconds: float, crops: int) -> None:
+        """``StepObserver``: one classifier pass."""
+        if self.on:
+            self.stages["classify"].append(seconds)
+            self.crops += crops
 
     def frame(
         self, frame: Frame, detected_at: float, stages: Mapping[str, float], alerts: list[Alert]
@@ -87,6 +95,7 @@ class BenchLoop:
         detector: Detector,
         metrics: Metrics,
         recorder: Recorder,
+        classifier: Classifier | None = None,
     ) -> None:
         self.sources = sources
         self.detector = detector
@@ -106,6 +115,7 @@ class BenchLoop:
             settings.model.conf,
             on_alerts=lambda alerts: None,
             observer=recorder,
+            classifier=classifier,
         )
 
     def step(self) -> None:
