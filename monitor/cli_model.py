@@ -96,7 +96,7 @@ def cmd_bench(args: argparse.Namespace, *, load: LoadSettings, offline: Offline)
     from pydantic import ValidationError
 
     from monitor import bench  # torch loads here
-    from monitor.settings import ModelSettings
+    from monitor.settings import ClassifierSettings, ModelSettings
 
     try:
         if args.config is not None:
@@ -111,6 +111,11 @@ def cmd_bench(args: argparse.Namespace, *, load: LoadSettings, offline: Offline)
         if args.label:
             updates["labels"] = {**settings.model.labels, **dict(args.label)}
         model = ModelSettings.model_validate({**settings.model.model_dump(), **updates})
+        if args.classifier is not None:  # every tracked label is classified
+            section = {"path": args.classifier, "labels_from": settings.objects.track}
+            if args.classifier_imgsz is not None:
+                section["imgsz"] = args.classifier_imgsz
+            settings = settings.model_copy(update={"classifier": ClassifierSettings.model_validate(section)})
         options = bench.BenchOptions(
             streams=args.streams,
             fps=tuple(args.fps),
@@ -277,6 +282,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     bench.add_argument(
         "--naive-frames", type=int, default=200, help="frames in that comparison (default: %(default)s)"
     )
+    bench.add_argument(
+        "--classifier",
+        type=Path,
+        help="also run this classification model on crops of every tracked label (the config's "
+        "classifier section, when --config has one, is used without this flag)",
+    )
+    bench.add_argument("--classifier-imgsz", type=int, help="its input size (default: 224)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     return bench
 

@@ -240,3 +240,13 @@ def test_a_failing_classifier_costs_sub_labels_never_alerts(caplog):
     pipeline.run([Frame("gate", 1, 1.0, IMAGE)])
     assert [(a.event.type, a.event.sub_label) for a in alerts] == [("new", None)] * 3
     assert "classifier failed on 3 crop(s)" in caplog.text
+
+
+def test_snapshots_show_the_sub_label_beside_the_label(monkeypatch):
+    drawn: list[list[str]] = []
+    rules = rules_for(["cow"])
+    monkeypatch.setattr(
+        rules._annotator, "draw", lambda image, found, labels, zones: drawn.append(labels) or image
+    )
+    step(rules, 0.0, [(1, 0.9, "cow")], {1: "gaur"})
+    assert drawn == [["gaur (cow) 0.90"]]

@@ -73,6 +73,9 @@ class BenchConfig:
     duration_s: float
     warmup_s: float
     naive_frames: int | None
+    #: The classification model (file@sha256 prefix) run on crops of tracks, if one was.
+    classifier: str | None = None
+    classifier_imgsz: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +145,8 @@ class PipelineResult:
     cpu: CpuUsage
     gpu: GpuUsage
     streams: list[StreamResult]
+    #: Crops the classifier named in the measured window.
+    crops_classified: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +218,7 @@ class BenchReport:
             f"  model {c.model}{' (random weights)' if c.random_init else ''} = {c.model_id}",
             f"  imgsz {c.imgsz}, {c.device}, {c.runtime}, {'fp16' if c.half else 'fp32'}, "
             f"{c.torch_threads} torch threads, max_batch {c.max_batch}",
+            *([f"  classifier {c.classifier} at imgsz {c.classifier_imgsz}"] if c.classifier else []),
             f"  {c.duration_s:g} s measured after {c.warmup_s:g} s of warm-up",
             "",
             "pipeline, end to end (decoders -> scheduler -> detector -> ByteTrack -> alert rules):",
@@ -223,6 +229,7 @@ class BenchReport:
             f"  batch size mean {_fmt(p.batch_size.mean, '.2f')}, p95 {_fmt(p.batch_size.p95, '.0f')}, "
             f"max {p.batch_size.max} over {p.batch_size.count} batches",
             "  events " + ", ".join(f"{k} {v}" for k, v in p.events.items()),
+            *([f"  crops classified {p.crops_classified}"] if c.classifier else []),
             f"  CPU {_fmt(p.cpu.cores_used, '.2f')} cores ({_fmt(p.cpu.percent_of_machine, '.0f')} % of the "
             f"machine): main process {_fmt(p.cpu.main_cores_used, '.2f')}, decoders "
             f"{_fmt(p.cpu.decoders_cores_used, '.2f')} ({p.cpu.processes} processes)",

@@ -40,6 +40,7 @@ from monitor.bench.report import (
     Ratios,
     StreamResult,
 )
+from monitor.classifier import Classifier, load_classifier
 from monitor.detector import Detector
 from monitor.errors import ConfigError
 from monitor.metrics import Metrics
@@ -108,6 +109,8 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         detector = Detector(settings.model, settings.detect.max_batch)
         torch.set_num_threads(threads)
         detector.warmup(frame_size[1], frame_size[0])
+        classifier = load_classifier(settings)
+        torch.set_num_threads(threads)
         if detector.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(detector.device)
         pool = synthetic_frames(*frame_size) if options.synthetic else []
@@ -132,7 +135,7 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
                 )
                 for name, camera in settings.cameras.items()
             ]
-            window, cpu = _run_window(settings, options, sources, detector, metrics, recorder)
+            window, cpu = _run_window(settings, options, sources, detector, metrics, recorder, classifier)
             states = {s.name: s.state.value for s in sources}
         pipeline = _pipeline_result(settings, metrics, recorder, window, cpu, states, detector)
         naive = None
@@ -164,6 +167,8 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         duration_s=options.duration,
         warmup_s=options.warmup,
         naive_frames=options.naive_frames if options.compare_naive else None,
+        classifier=classifier.label if classifier is not None else None,
+        classifier_imgsz=classifier.imgsz if classifier is not None else None,
     )
     ratios = None
     if naive is not None:
@@ -181,7 +186,9 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         machine=machine,
         config=config,
         pipeline=pipeline,
-        stages={s: Percentiles.of(recorder.stages[s]) for s in STAGES},
+        stages={  # classify only where a classifier ran
+            s: Percentiles.of(recorder.stages[s]) for s in STAGES if s != "classify" or classifier is not None
+        },
         latency={
             "capture_to_detections": Percentiles.of(recorder.to_detections),
             "capture_to_alerts": Percentiles.of(recorder.to_alerts),
@@ -225,11 +232,12 @@ def _run_window(
     detector: Detector,
     metrics: Metrics,
     recorder: Recorder,
+    classifier: Classifier | None,
 ) -> tuple[_Window, CpuUsage]:
     """Wait for every stream's first frame, warm up, then measure for ``options.duration``."""
     from tqdm import tqdm
 
-    loop = BenchLoop(settings, sources, detector, metrics, recorder)
+    loop = BenchLoop(settings, sources, detector, metrics, recorder, classifier)
     names = [s.name for s in sources]
     deadline = time.monotonic() + STREAM_START_TIMEOUT
     while time.monotonic() < deadline:
@@ -333,6 +341,7 @@ def _pipeline_result(
             max=max(batches) if batches else None,
         ),
         events={t: recorder.events[t] for t in (*EVENT_TYPES, "suppressed")},
+        crops_classified=recorder.crops,
         cpu=cpu,
         gpu=gpu,
         streams=streams,
