@@ -1,9 +1,11 @@
 """What the model workflow hands back: the model card of a trained model and the validation table.
 
 ``ModelCard`` is written next to ``best.pt`` as ``model_card.json`` by
-``monitor train``; ``ValReport`` is ``monitor val``'s per-class table, as JSON
-or in Ultralytics' fixed-width layout. Plain values, no Ultralytics:
-``monitor.training`` runs Ultralytics and builds them.
+``monitor train``; ``ValReport`` (detection: precision, recall, mAP) and
+``ClassifyValReport`` (classification: top-1 and top-5 accuracy) are
+``monitor val``'s per-class tables, as JSON or in Ultralytics' fixed-width
+layout. Plain values, no Ultralytics: ``monitor.training`` and
+``monitor.training_classify`` run Ultralytics and build them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +22,8 @@ MODEL_CARD = "model_card.json"
 _TABLE_NAME = "%22s"
 _TABLE_HEADER = _TABLE_NAME + "%11s" * 6
 _TABLE_ROW = _TABLE_NAME + "%11i" * 2 + "%11.3g" * 4
+_CLASSIFY_HEADER = _TABLE_NAME + "%11s" * 3
+_CLASSIFY_ROW = _TABLE_NAME + "%11i" + "%11.3g" * 2
 
 
 class ModelCard(BaseModel):
@@ -29,11 +33,18 @@ class ModelCard(BaseModel):
 
     weights: str = Field(description="File name of the weights this card describes.")
     weights_sha256: str = Field(description="SHA-256 of the weights file (as ``monitor.detector`` logs it).")
+    task: Literal["detect", "classify"] = Field(
+        "detect", description="What the model does: detect objects, or classify crops."
+    )
     classes: list[str] = Field(description="Class names in class-id order.")
-    metrics: dict[str, float] = Field(description="precision, recall, mAP50, mAP50-95 on the val split.")
-    data: str = Field(description="The data set YAML trained on.")
+    metrics: dict[str, float] = Field(
+        description="On the val split: precision, recall, mAP50, mAP50-95 (detect); top1, top5 "
+        "accuracy (classify; top5 is 1.0 with five classes or fewer)."
+    )
+    data: str = Field(description="The data set trained on: a YAML (detect) or a folder (classify).")
     data_sha256: str = Field(
-        description="SHA-256 over the data YAML and its train/val image and label files."
+        description="SHA-256 over the data YAML and its train/val image and label files (detect), "
+        "or over the image files of the folder's splits (classify)."
     )
     base_model: str = Field(description="Starting point: local .pt weights or a YAML architecture.")
     epochs: int
@@ -114,6 +125,76 @@ def format_table(report: ValReport) -> str:
         _TABLE_ROW % (row.name, row.images, row.instances, row.precision, row.recall, row.map50, row.map50_95)
         for row in report.rows
     ]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyValRow:
+    """One line of the classification table: one class, or ``all``.
+
+    Attributes:
+        name: Class name, or ``all`` for the whole split.
+        images: Images of the class in the split (all images for ``all``).
+        top1: Share of them whose top class is right (for a class: its recall).
+        top5: Share of them whose right class is among the top five.
+    """
+
+    name: str
+    images: int
+    top1: float
+    top5: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as ``class``, ``images``, ``top1``, ``top5``."""
+        return {"class": self.name, "images": self.images, "top1": self.top1, "top5": self.top5}
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyValReport:
+    """Top-1 and top-5 accuracy of a classification model on a split, overall and per class.
+
+    Attributes:
+        model: The weights validated.
+        data: The data set folder.
+        imgsz: Validation size.
+        rows: The ``all`` row first, then one per class of the split, in class-id order.
+    """
+
+    model: str
+    data: str
+    imgsz: int
+    rows: tuple[ClassifyValRow, ...]
+
+    @property
+    def top1(self) -> float:
+        """Top-1 accuracy over the whole split."""
+        return self.rows[0].top1
+
+    @property
+    def top5(self) -> float:
+        """Top-5 accuracy over the whole split."""
+        return self.rows[0].top5
+
+    def to_json(self) -> str:
+        """The report as indented JSON: task, overall top1 and top5, and the rows."""
+        return json.dumps(
+            {
+                "model": self.model,
+                "data": self.data,
+                "imgsz": self.imgsz,
+                "task": "classify",
+                "top1": self.top1,
+                "top5": self.top5,
+                "rows": [row.to_dict() for row in self.rows],
+            },
+            indent=2,
+        )
+
+
+def format_classify_table(report: ClassifyValReport) -> str:
+    """The report as a fixed-width table in Ultralytics' layout (Class Images top1_acc top5_acc)."""
+    lines = [_CLASSIFY_HEADER % ("Class", "Images", "top1_acc", "top5_acc")]
+    lines += [_CLASSIFY_ROW % (row.name, row.images, row.top1, row.top5) for row in report.rows]
     return "\n".join(lines)
 
 

@@ -1,15 +1,21 @@
-"""The model workflow: train, validate and export YOLO detection models.
+"""The model workflow: train, validate and export YOLO detection models; export classifiers.
 
 Each function wraps one Ultralytics call (``YOLO(...).train``, ``.val``,
 ``.export``) for the ``monitor train``, ``monitor val`` and ``monitor export``
-commands. Whatever Ultralytics raises comes back as a ``MonitorError``: a
+commands; training and validating classification models is in
+``monitor.training_classify``, whose ``infer_task`` tells the two apart by the
+data set: a YAML is detection, a folder of class folders classification.
+Whatever Ultralytics raises comes back as a ``MonitorError``: a
 ``DetectorError`` when the model cannot be found or loaded, a
-``TrainingError`` when the data set or the run itself fails. What they hand
-back (the model card, the validation table) is in ``monitor.model_reports``.
+``TaskMismatchError`` when the model, the data set and the task do not go
+together, a ``TrainingError`` when the data set or the run itself fails. What
+they hand back (the model card, the validation table) is in
+``monitor.model_reports``.
 
 Nothing here downloads: pretrained ``.pt`` weights must be a local file, and a
 missing one fails before Ultralytics would try to fetch it by name. A model
-given as a YAML architecture (``yolov8s.yaml``) starts from random weights.
+given as a YAML architecture (``yolov8s.yaml``, ``yolov8n-cls.yaml``) starts
+from random weights.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,10 +43,25 @@ STRIDE = 32  # YOLOv8's largest stride: input sizes are multiples of it
 ARCHITECTURE_SUFFIXES = (".yaml", ".yml")
 ExportFormat = Literal["onnx", "openvino", "engine"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = ("onnx", "openvino", "engine")
+Task = Literal["detect", "classify"]
+TASKS: tuple[Task, ...] = ("detect", "classify")
+#: Defaults per task: the seed's detection model and size; the smallest YOLOv8 classifier at
+#: Ultralytics' (and ``classifier.imgsz``'s) 224.
+DEFAULT_IMGSZ: dict[str, int] = {"detect": 416, "classify": 224}
+DEFAULT_MODEL: dict[str, str] = {"detect": "yolov8s.pt", "classify": "yolov8n-cls.pt"}
+_MODEL_HINT = {
+    "detect": "a detection model: local .pt weights such as yolov8s.pt, or yolov8s.yaml for random weights",
+    "classify": "a classification model: local .pt weights such as yolov8n-cls.pt, "
+    "or yolov8n-cls.yaml for random weights",
+}
 
 
 class TrainingError(MonitorError):
     """A data set is unusable, or a training, validation or export run failed."""
+
+
+class TaskMismatchError(TrainingError):
+    """The task, the data set and the model do not go together (a detection model on class folders...)."""
 
 
 def train(
@@ -69,17 +92,18 @@ def train(
 
     Raises:
         DetectorError: The model is missing or cannot be loaded, or the device does not exist.
+        TaskMismatchError: The model is not a detection model.
         TrainingError: An argument is out of range, the data set is unusable or training failed.
     """
     import ultralytics
 
-    _check_positive("epochs", epochs)
-    _check_positive("batch", batch)
-    _check_imgsz(imgsz)
+    check_positive("epochs", epochs)
+    check_positive("batch", batch)
+    check_imgsz(imgsz)
     data_sha256 = dataset_sha256(data)
     torch_device = resolve_device(device)
     on_cuda = torch_device.type == "cuda"
-    yolo = _load(model)
+    yolo = load_model(model, "detect")
     logger.info(
         "training %s on %s: %d epochs, imgsz %d, batch %d, device %s",
         model,
@@ -90,17 +114,18 @@ def train(
         device,
     )
     try:
-        results = yolo.train(
-            data=str(data),
-            epochs=epochs,
-            imgsz=imgsz,
-            batch=batch,
-            device=_ultralytics_device(torch_device),
-            project=str(project.resolve()),  # relative ones would land under Ultralytics' runs_dir
-            name=name,
-            amp=on_cuda,  # Ultralytics sets workers=0 on the CPU itself
-            plots=False,
-        )
+        with keep_torch_threads():
+            results = yolo.train(
+                data=str(data),
+                epochs=epochs,
+                imgsz=imgsz,
+                batch=batch,
+                device=ultralytics_device(torch_device),
+                project=str(project.resolve()),  # relative ones would land under Ultralytics' runs_dir
+                name=name,
+                amp=on_cuda,  # Ultralytics sets workers=0 on the CPU itself
+                plots=False,
+            )
     except Exception as exc:  # Ultralytics raises many kinds; all mean "this run failed"
         raise TrainingError(
             f"training {model} on {data} failed: {type(exc).__name__}: {exc}".rstrip()
@@ -150,24 +175,25 @@ def validate(data: Path, model: Path, imgsz: int = 416, batch: int = 16, device:
 
     Raises:
         DetectorError: The model is missing or cannot be loaded, or the device does not exist.
+        TaskMismatchError: The model is not a detection model.
         TrainingError: An argument is out of range, the data set is unusable or validation failed.
     """
-    _check_positive("batch", batch)
-    _check_imgsz(imgsz)
+    check_positive("batch", batch)
+    check_imgsz(imgsz)
     _check_data(data)
     torch_device = resolve_device(device)
-    yolo = _load(model)
+    yolo = load_model(model, "detect")
     seen: list[int] = []
     # The image count of the 'all' row lives only on the validator, which model.val() does not return.
     yolo.add_callback("on_val_end", lambda validator: seen.append(int(validator.seen)))
     try:
         # Nothing worth keeping is written (no plots, no JSON), so the run directory is temporary.
-        with tempfile.TemporaryDirectory(prefix="monitor-val-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="monitor-val-") as scratch, keep_torch_threads():
             metrics = yolo.val(
                 data=str(data),
                 imgsz=imgsz,
                 batch=batch,
-                device=_ultralytics_device(torch_device),
+                device=ultralytics_device(torch_device),
                 project=scratch,
                 name="val",
                 plots=False,
@@ -208,42 +234,45 @@ def validate(data: Path, model: Path, imgsz: int = 416, batch: int = 16, device:
 def export(
     model: Path,
     fmt: ExportFormat,
-    imgsz: int = 416,
+    imgsz: int | None = None,
     dynamic: bool = True,
     half: bool = False,
     batch: int = 16,
 ) -> Path:
-    """Export weights for the daemon; the result lands next to ``model``.
+    """Export detection or classification weights for the daemon; the result lands next to ``model``.
 
     Args:
-        model: ``.pt`` weights.
+        model: ``.pt`` weights of a detection or a classification model.
         fmt: ``onnx``, ``openvino`` or ``engine`` (TensorRT, needs CUDA).
-        imgsz: Export size, a multiple of 32; the daemon's ``model.imgsz`` must match
-            unless the export is dynamic.
-        dynamic: Dynamic batch and image size, so the daemon can batch frames.
+        imgsz: Export size, a multiple of 32; the daemon's ``model.imgsz`` (``classifier.imgsz``)
+            must match unless the export is dynamic. None: 416 for detection, 224 for classification.
+        dynamic: Dynamic batch and image size, so the daemon can batch frames (crops).
         half: fp16 weights (ONNX and TensorRT need CUDA for it).
         batch: Largest batch a dynamic TensorRT engine accepts (the daemon's
-            ``detect.max_batch``); the example batch for the other formats.
+            ``detect.max_batch``, or ``classifier.max_batch``); the example batch for the other formats.
 
     Returns:
         The exported file (``.onnx``, ``.engine``) or directory (``_openvino_model/``).
 
     Raises:
         DetectorError: The model is missing or cannot be loaded, or the format needs CUDA and there is none.
+        TaskMismatchError: The model is neither a detection nor a classification model.
         TrainingError: An argument is out of range or the export failed.
     """
     import torch
 
     if fmt not in EXPORT_FORMATS:
         raise TrainingError(f"export format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    _check_positive("batch", batch)
-    _check_imgsz(imgsz)
+    check_positive("batch", batch)
+    if imgsz is not None:
+        check_imgsz(imgsz)
     cuda = torch.cuda.is_available()
     if fmt == "engine" and not cuda:
         raise DetectorError("export format 'engine' (TensorRT) needs CUDA, which is not available here")
     if half and fmt == "onnx" and not cuda:
         raise DetectorError("half=True ONNX export needs CUDA, which is not available here; export fp32")
-    yolo = _load(model)
+    yolo = load_model(model)
+    imgsz = DEFAULT_IMGSZ[str(yolo.task)] if imgsz is None else imgsz
     try:
         out = yolo.export(
             format=fmt,
@@ -310,8 +339,20 @@ def dataset_sha256(data: Path) -> str:
     return digest.hexdigest()
 
 
-def _load(model: str | Path) -> YOLO:
-    """``YOLO(model)``, refusing anything that would make Ultralytics download weights."""
+def load_model(model: str | Path, task: Task | None = None) -> YOLO:
+    """``YOLO(model)``, refusing anything that would make Ultralytics download weights.
+
+    Args:
+        model: Local weights (``.pt`` or an export) or a YAML architecture (random weights).
+        task: The task the model must do; None accepts a detection or a classification model.
+
+    Returns:
+        The model, its ``task`` set from its network (``detect`` or ``classify``).
+
+    Raises:
+        DetectorError: The model is missing or cannot be loaded.
+        TaskMismatchError: The model does another task.
+    """
     from ultralytics.models.yolo import YOLO
 
     path = Path(model)
@@ -319,20 +360,57 @@ def _load(model: str | Path) -> YOLO:
         raise DetectorError(
             f"model {str(model)!r} does not exist; pretrained weights must be a local .pt file "
             "(nothing is downloaded), or give an architecture such as yolov8s.yaml "
-            "to start from random weights"
+            "(yolov8n-cls.yaml for a classifier) to start from random weights"
         )
     try:
-        yolo = YOLO(os.fspath(model), task="detect")
+        # No task forced: Ultralytics reads it from the YAML's head, the .pt or the export's metadata.
+        yolo = YOLO(os.fspath(model))
     except Exception as exc:  # Ultralytics raises many kinds; all mean "unusable model"
         raise DetectorError(
             f"model {str(model)!r} could not be loaded as a YOLO model: {type(exc).__name__}: {exc}".rstrip()
         ) from exc
-    if yolo.task != "detect":
-        raise DetectorError(f"model {str(model)!r} is a {yolo.task!r} model; a 'detect' model is needed")
+    actual = _network_task(yolo)
+    yolo.task = actual
+    wanted = (task,) if task is not None else TASKS
+    if actual not in wanted:
+        needs = _MODEL_HINT[task] if task is not None else "a detection or a classification model"
+        raise TaskMismatchError(
+            f"model {str(model)!r} is a {actual!r} model; task {task or 'export'!r} needs {needs}"
+        )
     return yolo
 
 
-def _ultralytics_device(device: Any) -> str:
+def _network_task(yolo: YOLO) -> str:
+    """What a loaded model does, from its network's class where it has one (a .pt or a YAML).
+
+    Saved weights may carry a stale ``task`` in their args (a classifier built
+    from a YAML and saved keeps the default); the network's class does not lie.
+    """
+    kinds = {"ClassificationModel": "classify", "DetectionModel": "detect"}
+    network = getattr(yolo, "model", None)
+    name = type(network).__name__
+    if network is not None and not isinstance(network, (str, Path)) and name in kinds:
+        return kinds[name]
+    return str(yolo.task)
+
+
+@contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Restore torch's thread count afterwards: Ultralytics' device selection lowers it process-wide.
+
+    On the CPU it sets ``torch.set_num_threads(cpu_count - 1)``, which would slow
+    everything the process runs after a training or validation run.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ultralytics_device(device: Any) -> str:
     """Ultralytics' spelling of a torch device: ``cpu`` or the CUDA index."""
     return "cpu" if device.type == "cpu" else str(device.index or 0)
 
@@ -342,12 +420,22 @@ def _check_data(data: Path) -> None:
         raise TrainingError(f"data set YAML {str(data)!r} does not exist")
 
 
-def _check_positive(name: str, value: int) -> None:
+def check_positive(name: str, value: int) -> None:
+    """Refuse a count below 1 (epochs, batch) naming the argument and its value.
+
+    Raises:
+        TrainingError: ``value`` is below 1.
+    """
     if value < 1:
         raise TrainingError(f"{name} must be at least 1, got {value}")
 
 
-def _check_imgsz(imgsz: int) -> None:
+def check_imgsz(imgsz: int) -> None:
+    """Refuse an input size that is not a positive multiple of 32, suggesting the next one.
+
+    Raises:
+        TrainingError: ``imgsz`` is not a positive multiple of 32.
+    """
     if imgsz < STRIDE or imgsz % STRIDE:
         raise TrainingError(
             f"imgsz must be a positive multiple of {STRIDE} (the model's stride), got {imgsz}; "

@@ -471,3 +471,31 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
     finally:
         for where in reversed(mounted):
             _unmount(where)
+
+
+@pytest.fixture(scope="session")
+def classifier_weights(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real classifier trained here: ``walker`` (people of the test clip) vs ``pavement``; its best.pt.
+
+    ``tests.classifier_data`` cuts the crops from ``vtest.mp4`` with the real
+    detector and ``square_crop`` (train: the first 18 s, val: the last 10 s);
+    a random-init ``yolov8n-cls.yaml`` trains on them through the product's
+    ``train_classifier`` on the CPU at imgsz 64: about 15 s on 2 cores, val
+    top-1 1.0. The data set folder and the model card lie next to the run
+    (``model_card.json``'s ``data`` names the folder).
+    """
+    from monitor.training_classify import train_classifier
+    from tests.classifier_data import CROP_SIZE, TRAIN_EPOCHS, build
+
+    root = tmp_path_factory.mktemp("classifier")
+    built = build(root / "walker-pavement", CLIP, weights)
+    return train_classifier(
+        built.root,
+        model="yolov8n-cls.yaml",
+        epochs=TRAIN_EPOCHS,
+        imgsz=CROP_SIZE,
+        batch=16,
+        device="cpu",
+        project=root / "runs",
+        name="walker",
+    )

@@ -2,7 +2,9 @@
 
 Training uses a tiny generated data set (squares and discs) and a randomly
 initialised ``yolov8s.yaml``, so nothing is downloaded; export parity uses the
-real test weights on the test clip.
+real test weights on the test clip. Classification (``--task classify``) uses
+the walker/pavement crops of the test clip (``tests.classifier_data``) and the
+session's ``classifier_weights`` trained on them.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import supervision as sv
 import torch
 import yaml
 
-from monitor import training
-from monitor.cli import EXIT_STARTUP, build_parser, main
+from monitor import training, training_classify
+from monitor.classifier import Classifier
+from monitor.cli import EXIT_CONFIG, EXIT_STARTUP, build_parser, main
 from monitor.detector import Detector
 from monitor.runtime import sha256_of
 from monitor.settings import ModelSettings
+from tests import classifier_data
 from tests.conftest import CLIP, PEOPLE_JPG, TEST_LABELS, base_config, free_port, wait_until
 
 CLASSES = ["square", "disc"]
@@ -156,8 +160,9 @@ def test_train_defaults_are_the_seeds_imgsz_416_and_10_epochs(
 ) -> None:
     """``monitor train --data D`` alone trains as the seed did; checked without a 10-epoch run."""
     args = build_parser().parse_args(["train", "--data", str(shapes_data)])
-    assert (args.imgsz, args.epochs, args.batch) == (416, 10, 16)
-    assert (args.model, args.device) == ("yolov8s.pt", "auto")
+    assert (args.epochs, args.batch, args.device) == (10, 16, "auto")
+    # model and imgsz are the task's (yolov8n-cls.pt at 224 for classify): the command fills them in.
+    assert (args.imgsz, args.model, args.task) == (None, None, None)
     # What the command hands to training.train, recorded instead of training.
     calls: list[dict[str, object]] = []
     best = tmp_path / "exp" / "weights" / "best.pt"
@@ -564,3 +569,352 @@ def test_engine_export_without_cuda_says_so(weights: Path) -> None:
     ran = run_cli(["export", "--model", weights, "--format", "engine"])
     assert ran.code == EXIT_STARTUP
     assert "needs CUDA" in ran.err
+
+
+# -- classification: monitor train/val/export --task classify -----------------------------------
+
+CLS_CLASSES = list(classifier_data.CLASSES)
+CLS_IMGSZ = classifier_data.CROP_SIZE
+CLS_METRICS = {"top1", "top5"}
+CLS_COLUMNS = {"class", "images", "top1", "top5"}
+#: Clearly above the 0.5 of guessing between two classes; the fixture reaches 1.0.
+MIN_VAL_TOP1 = 0.85
+CLS_PARITY_TOLERANCE = 0.02
+
+
+def card_of(weights: Path) -> dict:
+    return json.loads(weights.with_name("model_card.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cls_data(classifier_weights: Path) -> Path:
+    """The walker/pavement folder the session's classifier was trained on (its card names it)."""
+    return Path(card_of(classifier_weights)["data"])
+
+
+@pytest.fixture(scope="module")
+def people_crops(weights: Path) -> dict[str, list[np.ndarray]]:
+    """Square crops of the people photo: the people the real detector finds, and ground no box touches."""
+    image = cv2.imread(str(PEOPLE_JPG))
+    detector = Detector(
+        ModelSettings(path=weights, imgsz=classifier_data.DETECT_IMGSZ, device="cpu", labels=TEST_LABELS), 1
+    )
+    (found,) = detector.detect([image], conf=classifier_data.LOOSE_CONF)
+    assert found.confidence is not None
+    people = [box for box, score in zip(found.xyxy, found.confidence, strict=True) if score >= 0.25]
+    assert len(people) >= 3, "the photo shows several people"
+    ground = classifier_data.pavement_boxes(image.shape, found.xyxy, people, np.random.default_rng(1), 8)
+    assert len(ground) >= 4
+    return {
+        "walker": [square_crop_of(image, box) for box in people],
+        "pavement": [square_crop_of(image, box) for box in ground],
+    }
+
+
+def square_crop_of(image: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    from monitor.classifier import square_crop
+
+    return square_crop(image, box, CLS_IMGSZ)
+
+
+def test_the_clip_classifier_reaches_a_val_top1_far_above_chance(
+    classifier_weights: Path, cls_data: Path
+) -> None:
+    card = card_of(classifier_weights)
+    assert card["task"] == "classify"
+    assert card["classes"] == CLS_CLASSES
+    assert set(card["metrics"]) == CLS_METRICS
+    assert card["metrics"]["top1"] >= MIN_VAL_TOP1, card["metrics"]
+    assert card["metrics"]["top5"] == 1.0, "two classes: the right one is always in the top five"
+    assert card["weights_sha256"] == sha256_of(classifier_weights)
+    checked = training_classify.check_classify_data(cls_data)
+    assert card["data_sha256"] == training_classify.classify_data_sha256(checked)
+    assert (card["base_model"], card["imgsz"]) == ("yolov8n-cls.yaml", CLS_IMGSZ)
+    for split, counts in checked.counts.items():
+        assert set(counts) == set(CLS_CLASSES), split
+        assert all(60 <= n <= 150 for n in counts.values()), (split, counts)
+
+
+def test_the_clip_classifier_calls_people_of_the_photo_walkers_and_its_ground_pavement(
+    classifier_weights: Path, people_crops: dict[str, list[np.ndarray]]
+) -> None:
+    classifier = Classifier(classifier_weights, imgsz=CLS_IMGSZ, device="cpu", backend="torch")
+    for expected, crops in people_crops.items():
+        labels = [c.label for c in classifier.classify(crops)]
+        assert labels.count(expected) > len(labels) / 2, (expected, labels)
+
+
+@pytest.fixture(scope="module")
+def cls_trained(cls_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ran, Path]:
+    """``monitor train --task classify`` for one epoch at imgsz 32 on the CPU, from random weights."""
+    project = tmp_path_factory.mktemp("cls-runs")
+    argv = ["train", "--task", "classify", "--data", cls_data, "--model", "yolov8n-cls.yaml"]
+    argv += ["--epochs", 1, "--imgsz", 32, "--batch", 32, "--device", "cpu", "--project", project]
+    return run_cli([*argv, "--name", "walker"]), project
+
+
+def test_train_classify_prints_best_weights_and_a_card_with_top1_top5(
+    cls_trained: tuple[Ran, Path], cls_data: Path
+) -> None:
+    ran, project = cls_trained
+    assert ran.code == 0, ran.err
+    best, card_path = (Path(line) for line in ran.out.splitlines())
+    assert best == project / "walker" / "weights" / "best.pt"
+    assert card_path == best.with_name("model_card.json")
+    card = json.loads(card_path.read_text())
+    assert (card["task"], card["classes"], card["base_model"]) == (
+        "classify",
+        CLS_CLASSES,
+        "yolov8n-cls.yaml",
+    )
+    assert (card["epochs"], card["imgsz"], card["batch"]) == (1, 32, 32)
+    assert set(card["metrics"]) == CLS_METRICS
+    assert all(0.0 <= v <= 1.0 for v in card["metrics"].values())
+    assert card["weights_sha256"] == sha256_of(best)
+    checked = training_classify.check_classify_data(cls_data)
+    assert card["data_sha256"] == training_classify.classify_data_sha256(checked)
+    assert not Path(f"{cls_data}_split").exists(), "nothing is split beside the data"
+
+
+@pytest.mark.parametrize("task", [[], ["--task", "classify"]], ids=["inferred", "explicit"])
+def test_train_classify_defaults_are_yolov8n_cls_at_224_and_10_epochs(
+    task: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder as --data means classify; the defaults are then the classifier's. Recorded, not trained."""
+    calls: list[dict[str, object]] = []
+    best = tmp_path / "exp" / "weights" / "best.pt"
+
+    def record(data: Path, **kwargs: object) -> Path:
+        calls.append({"data": data, **kwargs})
+        return best
+
+    def refuse(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("a folder must not train a detector")
+
+    monkeypatch.setattr(training_classify, "train_classifier", record)
+    monkeypatch.setattr(training, "train", refuse)
+    ran = run_cli(["train", "--data", tmp_path, *task])
+    assert ran.code == 0, ran.err
+    assert ran.out.splitlines() == [str(best), str(best.with_name("model_card.json"))]
+    (call,) = calls
+    assert (call["data"], call["model"], call["imgsz"]) == (tmp_path, "yolov8n-cls.pt", 224)
+    assert (call["epochs"], call["batch"], call["device"]) == (10, 16, "auto")
+
+
+def ultralytics_cls_val(model: Path, data: Path, imgsz: int, project: Path) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy from Ultralytics' own ``YOLO(model).val`` on the val split."""
+    from ultralytics import YOLO
+
+    metrics = YOLO(str(model)).val(
+        data=str(data), split="val", imgsz=imgsz, batch=16, device="cpu", plots=False, project=str(project)
+    )
+    return float(metrics.top1), float(metrics.top5)
+
+
+@pytest.mark.parametrize("which", ["fixture", "one-epoch"])
+def test_val_classify_reports_top1_top5_overall_and_per_class_as_ultralytics_does(
+    which: str,
+    classifier_weights: Path,
+    cls_trained: tuple[Ran, Path],
+    cls_data: Path,
+    tmp_path: Path,
+) -> None:
+    """On the good classifier and on a one-epoch one (whose per-class rows differ), JSON and table."""
+    if which == "fixture":
+        model, imgsz = classifier_weights, CLS_IMGSZ
+    else:
+        model, imgsz = cls_trained[1] / "walker" / "weights" / "best.pt", 32
+    argv = ["val", "--task", "classify", "--data", cls_data, "--model", model, "--imgsz", imgsz]
+    argv += ["--device", "cpu"]
+    as_json = run_cli([*argv, "--json"])
+    assert as_json.code == 0, as_json.err
+    report = json.loads(as_json.out)
+    assert (report["task"], report["imgsz"], report["model"]) == ("classify", imgsz, str(model))
+    rows = {row["class"]: row for row in report["rows"]}
+    assert list(rows) == ["all", *CLS_CLASSES]
+    assert all(set(row) == CLS_COLUMNS for row in rows.values())
+    counts = training_classify.check_classify_data(cls_data).counts["val"]
+    assert [rows[name]["images"] for name in CLS_CLASSES] == [counts[name] for name in CLS_CLASSES]
+    assert rows["all"]["images"] == sum(counts.values())
+    assert (report["top1"], report["top5"]) == (rows["all"]["top1"], rows["all"]["top5"])
+    theirs = ultralytics_cls_val(model, cls_data, imgsz, tmp_path)
+    assert (report["top1"], report["top5"]) == pytest.approx(theirs, abs=1e-6)
+    weighted = sum(rows[n]["top1"] * rows[n]["images"] for n in CLS_CLASSES) / rows["all"]["images"]
+    assert weighted == pytest.approx(report["top1"], abs=1e-6), "per-class rows add up to the 'all' row"
+    if which == "fixture":
+        assert report["top1"] >= MIN_VAL_TOP1
+        assert report["top1"] == pytest.approx(card_of(model)["metrics"]["top1"], abs=1e-6)
+
+    table = run_cli(argv)
+    assert table.code == 0, table.err
+    header, *lines = table.out.splitlines()
+    assert header.split() == ["Class", "Images", "top1_acc", "top5_acc"]
+    assert [line.split()[0] for line in lines] == ["all", *CLS_CLASSES]
+    assert [int(line.split()[1]) for line in lines] == [rows[n]["images"] for n in ["all", *CLS_CLASSES]]
+    assert float(lines[0].split()[2]) == pytest.approx(report["top1"], abs=1e-3)
+
+
+@pytest.mark.filterwarnings(*ONNX_EXPORT_WARNINGS)
+@pytest.mark.parametrize(("fmt", "suffix"), [("onnx", ".onnx"), ("openvino", "_openvino_model")])
+def test_classifier_export_classifies_crops_like_the_pt_weights(
+    fmt: str,
+    suffix: str,
+    classifier_weights: Path,
+    people_crops: dict[str, list[np.ndarray]],
+    tmp_path: Path,
+) -> None:
+    pt = tmp_path / "walker.pt"
+    shutil.copyfile(classifier_weights, pt)  # the export lands next to the weights
+    ran = run_cli(["export", "--model", pt, "--format", fmt, "--imgsz", CLS_IMGSZ])
+    assert ran.code == 0, ran.err
+    out = tmp_path / f"walker{suffix}"
+    assert ran.out == f"{out}\n"
+    assert out.exists()
+    crops = [crop for group in people_crops.values() for crop in group]
+    reference = Classifier(pt, imgsz=CLS_IMGSZ, device="cpu", backend="torch")
+    exported = Classifier(out, imgsz=CLS_IMGSZ, device="cpu")
+    assert exported.runtime == "exported"
+    assert exported.names == reference.names == dict(enumerate(CLS_CLASSES))
+    want, got = reference.probabilities(crops), exported.probabilities(crops)
+    np.testing.assert_allclose(got, want, atol=CLS_PARITY_TOLERANCE)
+    np.testing.assert_array_equal(got.argmax(axis=1), want.argmax(axis=1))
+
+
+def write_class_folders(root: Path, layout: dict[str, int]) -> None:
+    """``{"train/a": 2, ...}``: that many small random PNGs in each folder (0: an empty folder)."""
+    rng = np.random.default_rng(0)
+    for folder, count in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            assert cv2.imwrite(str(root / folder / f"{i}.png"), image)
+
+
+SPLIT = {"train/a": 2, "train/b": 2, "val/a": 1, "val/b": 1}
+
+
+@pytest.mark.parametrize(
+    ("layout", "extra", "message"),
+    [
+        pytest.param(
+            {"a": 2, "b": 2}, None, "has class folders (a, b) but no train/ and val/", id="no-splits"
+        ),
+        pytest.param({"train/a": 2, "train/b": 2}, None, "has train/ but no val/ split", id="no-val"),
+        pytest.param(
+            {"train/a": 2, "val/a": 1}, None, "needs at least 2 class folders, found only 'a'", id="one-class"
+        ),
+        pytest.param({**SPLIT, "train/c": 0, "val/c": 1}, None, "train/c/ holds no images", id="empty-class"),
+        pytest.param({**SPLIT, "val/c": 1}, None, "val/ has c, which train/ lacks", id="val-extra"),
+        pytest.param({**SPLIT, "test/a": 1}, None, "test/ lacks b", id="test-lacks-class"),
+        pytest.param(SPLIT, ("train/b/broken.jpg", b"not a jpeg"), "train/b/broken.jpg", id="unreadable"),
+        pytest.param(SPLIT, ("val/a/tiny.png", "5x5"), "(5x5, under 10 px)", id="tiny-image"),
+        pytest.param({}, None, "does not exist", id="missing-folder"),
+    ],
+)
+@pytest.mark.parametrize("command", ["train", "val"])
+def test_bad_classification_data_fails_with_the_reason_before_ultralytics_runs(
+    command: str,
+    layout: dict[str, int],
+    extra: tuple[str, object] | None,
+    message: str,
+    classifier_weights: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    write_class_folders(data, layout)
+    if extra is not None:
+        name, content = extra
+        if content == "5x5":
+            assert cv2.imwrite(str(data / name), np.zeros((5, 5, 3), np.uint8))
+        else:
+            assert isinstance(content, bytes)
+            (data / name).write_bytes(content)
+    before = sorted(tmp_path.rglob("*"))
+    model = ["--model", "yolov8n-cls.yaml"] if command == "train" else ["--model", classifier_weights]
+    ran = run_cli([command, "--task", "classify", "--data", data, *model, "--device", "cpu"])
+    assert ran.code == EXIT_STARTUP, ran.err
+    assert ran.out == ""
+    assert ran.err.startswith("error: ")
+    assert message in ran.err
+    assert "Traceback" not in ran.err
+    assert sorted(tmp_path.rglob("*")) == before, "nothing is split, cached or trained"
+
+
+def test_val_classify_refuses_classes_the_model_does_not_know(
+    classifier_weights: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    write_class_folders(data, {"train/walker": 1, "train/deer": 1, "val/walker": 1, "val/deer": 1})
+    ran = run_cli(["val", "--data", data, "--model", classifier_weights, "--imgsz", CLS_IMGSZ])
+    assert ran.code == EXIT_STARTUP
+    assert "classes the model" in ran.err
+    assert "deer (its classes: pavement, walker)" in ran.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(
+            ["train", "--task", "detect", "--data", "{folder}"],
+            "task 'detect' needs a data set YAML, but",
+            id="train-detect-on-a-folder",
+        ),
+        pytest.param(
+            ["train", "--task", "classify", "--data", "{yaml}"],
+            "task 'classify' needs a folder laid out as DATA/train/<class>/",
+            id="train-classify-on-a-yaml",
+        ),
+        pytest.param(
+            ["train", "--data", "{folder}", "--model", "{detector}"],
+            "is a 'detect' model; task 'classify' needs a classification model",
+            id="train-detector-on-class-folders",
+        ),
+        pytest.param(
+            ["train", "--data", "{yaml}", "--model", "yolov8n-cls.yaml"],
+            "is a 'classify' model; task 'detect' needs a detection model",
+            id="train-classifier-on-a-yaml",
+        ),
+        pytest.param(
+            ["val", "--data", "{folder}", "--model", "{detector}"],
+            "is a 'detect' model; task 'classify' needs a classification model",
+            id="val-detector-on-class-folders",
+        ),
+        pytest.param(
+            ["val", "--data", "{yaml}", "--model", "{classifier}"],
+            "is a 'classify' model; task 'detect' needs a detection model",
+            id="val-classifier-on-a-yaml",
+        ),
+    ],
+)
+def test_task_data_and_model_that_contradict_each_other_exit_2(
+    argv: list[str],
+    message: str,
+    cls_data: Path,
+    shapes_data: Path,
+    weights: Path,
+    classifier_weights: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    values = {"folder": cls_data, "yaml": shapes_data, "detector": weights, "classifier": classifier_weights}
+    project = ["--project", tmp_path / "runs"] if argv[0] == "train" else []
+    ran = run_cli([*(a.format(**values) for a in argv), "--device", "cpu", *project])
+    assert ran.code == EXIT_CONFIG, ran.err
+    assert ran.out == ""
+    assert ran.err.startswith("error: ")
+    assert message in ran.err
+    assert list(tmp_path.iterdir()) == [], "nothing is trained or written"
+
+
+def test_classify_data_hash_follows_images_and_their_class_but_not_ultralytics_cache(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_class_folders(data, SPLIT)
+    before = training_classify.classify_data_sha256(training_classify.check_classify_data(data))
+    (data / "train.cache").write_bytes(b"cache")
+    (data / "train" / "a" / "notes.txt").write_text("not an image")
+    assert training_classify.classify_data_sha256(training_classify.check_classify_data(data)) == before
+    (data / "train" / "a" / "1.png").rename(data / "train" / "b" / "9.png")
+    assert training_classify.classify_data_sha256(training_classify.check_classify_data(data)) != before
