@@ -240,8 +240,8 @@ def count_inputs(paths: list[Path], vid_stride: int = 1) -> int:
     """
     _check_stride(vid_stride)
     total = 0
-    for path in _files(paths):
-        if path.suffix.lower() in VIDEO_SUFFIXES:
+    for path in input_files(paths):
+        if is_video(path):
             cap = cv2.VideoCapture(str(path))
             frames = max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
             cap.release()
@@ -259,28 +259,105 @@ def iter_pictures(paths: list[Path], vid_stride: int = 1) -> Iterator[Picture]:
         ConfigError: ``vid_stride`` below 1.
     """
     _check_stride(vid_stride)
-    for path in _files(paths):
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            cap = cv2.VideoCapture(str(path))
-            if not cap.isOpened():
-                raise ImageError(415, f"{path}: cannot open as a video")
-            index = 0
-            try:
-                while True:
-                    ok, frame = cap.read()
-                    if not ok:
-                        break
-                    if index % vid_stride == 0:
-                        yield Picture(path, index, frame)
-                    index += 1
-            finally:
-                cap.release()
+    for path in input_files(paths):
+        if is_video(path):
+            with Video(path) as video:
+                for index, frame in video.frames(vid_stride):
+                    yield Picture(path, index, frame)
         else:
-            try:
-                image = decode_image(path.read_bytes(), max_pixels=2**31)
-            except ImageError as exc:  # name the file: the command line may have many
-                raise ImageError(exc.status, f"{path}: {exc}") from exc
-            yield Picture(path, None, image)
+            yield Picture(path, None, read_image(path))
+
+
+def input_files(paths: list[Path]) -> Iterator[Path]:
+    """The files ``paths`` name: files as given, and the images and videos in folders (recursive, sorted).
+
+    Folders are listed lazily, one at a time, when the iteration reaches them.
+
+    Raises:
+        ImageError: A path that does not exist (422).
+    """
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
+            )
+        elif path.is_file():
+            yield path
+        else:
+            raise ImageError(422, f"{path}: no such file or folder")
+
+
+def is_video(path: Path) -> bool:
+    """Whether ``path`` is read as a video (by its suffix, ``VIDEO_SUFFIXES``) rather than an image."""
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def read_image(path: Path) -> np.ndarray:
+    """The picture in file ``path`` as HxWx3 uint8 BGR, upright, as ``decode_image`` decodes uploads.
+
+    Raises:
+        ImageError: The file cannot be read (422), is not a supported picture (415) or
+            is corrupt or truncated (422); the message starts with the path.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(422, f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        return decode_image(data, max_pixels=2**31)
+    except ImageError as exc:  # name the file: the command line may have many
+        raise ImageError(exc.status, f"{path}: {exc}") from exc
+
+
+class Video:
+    """A video file opened with OpenCV: its frame rate and its frames. A context manager.
+
+    Args:
+        path: The video file.
+
+    Raises:
+        ImageError: OpenCV cannot open ``path`` as a video (415).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._capture = cv2.VideoCapture(str(path))
+        if not self._capture.isOpened():
+            self._capture.release()
+            raise ImageError(415, f"{path}: cannot open as a video")
+
+    @property
+    def fps(self) -> float:
+        """Frames per second as the container declares them; 0.0 when it does not say."""
+        return max(float(self._capture.get(cv2.CAP_PROP_FPS)), 0.0)
+
+    def frames(self, stride: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+        """``(index, frame)`` for frames 0, ``stride``, 2 ``stride`` ... until the first that cannot be read.
+
+        Frames in between are grabbed, not converted to BGR: seeking instead is not
+        frame-exact in every container.
+
+        Raises:
+            ConfigError: ``stride`` below 1.
+        """
+        _check_stride(stride)
+        index = 0
+        while self._capture.grab():
+            if index % stride == 0:
+                ok, frame = self._capture.retrieve()
+                if not ok:
+                    return
+                yield index, frame
+            index += 1
+
+    def close(self) -> None:
+        self._capture.release()
+
+    def __enter__(self) -> Video:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def annotated_name(picture: Picture, taken: set[str]) -> str:
@@ -302,15 +379,3 @@ def annotated_name(picture: Picture, taken: set[str]) -> str:
 def _check_stride(vid_stride: int) -> None:
     if vid_stride < 1:
         raise ConfigError([f"--vid-stride: must be at least 1, got {vid_stride}"])
-
-
-def _files(paths: list[Path]) -> Iterator[Path]:
-    for path in paths:
-        if path.is_dir():
-            yield from sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
-            )
-        elif path.is_file():
-            yield path
-        else:
-            raise ImageError(422, f"{path}: no such file or folder")
