@@ -21,6 +21,8 @@ EVENT_FIELDS = {
     "event_id",
     "camera",
     "label",
+    "sub_label",
+    "sub_label_score",
     "score",
     "top_score",
     "box",
