@@ -162,7 +162,13 @@ class Metrics:
 
     def add_camera(self, camera: str) -> None:
         """Create the camera's series at zero so dashboards see it before its first frame."""
-        for family in (self.frames, self.frames_processed, self.frames_dropped, self.camera_reconnects):
+        for family in (
+            self.frames,
+            self.frames_processed,
+            self.frames_dropped,
+            self.camera_reconnects,
+            self.classifier_crops,
+        ):
             family.labels(camera)
         for reason in SUPPRESSION_REASONS:
             self.events_suppressed.labels(camera, reason)
