@@ -33,17 +33,28 @@ from monitor.objects_settings import (
     ObjectsSettings,
     TrackerSettings,
 )
+from monitor.record_settings import (
+    DEFAULT_ALERTS,
+    AlertRule,
+    CameraRecordSettings,
+    RecordSettings,
+    RetentionSettings,
+    VisitSettings,
+)
 from monitor.settings_sources import ENV_PREFIX
 from monitor.topics import Topics
 
 __all__ = [
+    "DEFAULT_ALERTS",
     "DEFAULT_CATEGORIES",
     "DEVICE",
     "STREAM_SCHEMES",
+    "AlertRule",
     "CameraClassifierSettings",
     "CameraDetectSettings",
     "CameraName",
     "CameraObjectsSettings",
+    "CameraRecordSettings",
     "CameraSettings",
     "Category",
     "ClassifierSettings",
@@ -55,6 +66,8 @@ __all__ = [
     "MqttSettings",
     "ObjectsSettings",
     "Point",
+    "RecordSettings",
+    "RetentionSettings",
     "Seconds",
     "Settings",
     "SnapshotSettings",
@@ -62,6 +75,7 @@ __all__ = [
     "TlsSettings",
     "TopicName",
     "TrackerSettings",
+    "VisitSettings",
     "ZoneSettings",
 ]
 
@@ -334,6 +348,13 @@ class CameraSettings(_Section):
     classifier: CameraClassifierSettings | None = Field(
         None, description="Changes to the classifier for this camera; false turns it off here."
     )
+    record: CameraRecordSettings | None = Field(
+        None, description="Changes to record for this camera; true turns recording on here."
+    )
+    alerts: list[AlertRule] | None = Field(
+        None,
+        description="Rules that make a visit an alert (else a detection); default: person, wildlife.",
+    )
 
     @field_validator("masks")
     @classmethod
@@ -345,6 +366,9 @@ class CameraSettings(_Section):
         unknown = sorted(set(self.required_zones) - set(self.zones))
         if unknown:
             raise ValueError(f"required_zones {unknown} are not defined in zones {sorted(self.zones)}")
+        unknown = sorted({z for rule in self.alerts or () for z in rule.zones} - set(self.zones))
+        if unknown:
+            raise ValueError(f"alerts zones {unknown} are not defined in zones {sorted(self.zones)}")
         return self
 
     @field_validator("url")
@@ -383,6 +407,8 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
+    record: RecordSettings = Field(default_factory=RecordSettings)
+    visits: VisitSettings = Field(default_factory=VisitSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     classifier: ClassifierSettings | None = Field(
@@ -418,6 +444,17 @@ class Settings(BaseSettings):
         if self.classifier is None:
             return None
         return self.classifier.merged(self.cameras[name].classifier)
+
+    def record_for(self, name: str) -> RecordSettings | None:
+        """Recording as camera ``name`` uses it, or None when it does not record."""
+        camera = self.cameras[name].record
+        merged = camera.merge(self.record) if camera is not None else self.record
+        return merged if merged.enabled else None
+
+    def alerts_for(self, name: str) -> tuple[AlertRule, ...]:
+        """The rules that make a visit of camera ``name`` an alert."""
+        rules = self.cameras[name].alerts
+        return DEFAULT_ALERTS if rules is None else tuple(rules)
 
     def camera_fps(self, name: str) -> float:
         """The detect fps of camera ``name``."""
