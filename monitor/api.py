@@ -26,11 +26,12 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import supervision as sv
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Response, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.frames import CameraStatus
@@ -70,6 +71,8 @@ class Health:
     cameras: Callable[[], list[CameraStatus]] = lambda: []
     predict: Callable[[Any, float], Future[sv.Detections]] | None = None
     snapshot: Callable[[str], bytes | None] = lambda event_id: None
+    #: The MP4 file of an event's or a visit's clip, by its id (``monitor.recorder``).
+    clip: Callable[[str], Path | None] = lambda clip_id: None
     #: What works in a reduced way right now, and why: ``{"spool": "disk full: ...", ...}``.
     degraded: Callable[[], dict[str, str]] = lambda: {}
 
@@ -294,6 +297,28 @@ def create_app(metrics: Metrics, health: Health, settings: HttpSettings) -> Fast
         if jpeg is None:
             raise HTTPException(404, f"no snapshot for event {event_id!r}")
         return Response(jpeg, media_type="image/jpeg")
+
+    def clip(kind: str, clip_id: str) -> FileResponse:
+        path = health.clip(clip_id) if EVENT_ID.fullmatch(clip_id) else None
+        if path is None:
+            shown = clip_id if len(clip_id) <= 40 else f"{clip_id[:40]}... ({len(clip_id)} characters)"
+            raise HTTPException(404, f"no clip for {kind} {shown!r} (yet: it is cut after the end)")
+        # Starlette answers Range requests (206) itself: browsers and phones seek in the clip.
+        return FileResponse(
+            path, media_type="video/mp4", filename=f"{clip_id}.mp4", content_disposition_type="inline"
+        )
+
+    clip_responses: dict[int | str, dict[str, Any]] = {200: {"content": {"video/mp4": {}}}, 206: {}, 404: {}}
+
+    @app.get("/api/events/{event_id}/clip.mp4", dependencies=guarded, responses=clip_responses)
+    def event_clip(event_id: str) -> FileResponse:
+        """The event's MP4 clip with pre- and post-roll, stream-copied (recording cameras)."""
+        return clip("event", event_id)
+
+    @app.get("/api/reviews/{visit_id}/clip.mp4", dependencies=guarded, responses=clip_responses)
+    def review_clip(visit_id: str) -> FileResponse:
+        """The visit's MP4 clip, from before its first event to after its last one."""
+        return clip("visit", visit_id)
 
     @app.get("/api/cameras", dependencies=guarded)
     def cameras() -> dict[str, Any]:

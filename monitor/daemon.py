@@ -23,12 +23,12 @@ from typing import Any, Literal
 
 import supervision as sv
 
-from monitor.alerts import Alert
 from monitor.api import Health, create_app
 from monitor.camera import CameraPipeline
 from monitor.classifier import load_classifier
 from monitor.cluster import Shard, mine
 from monitor.detector import Detector
+from monitor.dispatch import Dispatcher
 from monitor.errors import MonitorError
 from monitor.frames import CameraState, Frame
 from monitor.http_server import HttpServer
@@ -36,6 +36,7 @@ from monitor.metrics import Metrics
 from monitor.notify import SystemdNotifier, Watchdog, watchdog_interval
 from monitor.pipeline import PipelineStep, at_least
 from monitor.publisher import Publisher
+from monitor.recorder import Recorder
 from monitor.scheduler import Request, RequestQueue, Scheduler
 from monitor.settings import Settings
 from monitor.snapshots import SnapshotStore
@@ -56,7 +57,18 @@ SYNCHRONOUS: dict[str, Literal["FULL", "NORMAL", "AUTO"]] = {
 #: Uploaded pictures take at most 1/UPLOAD_SHARE of a batch next to camera frames.
 UPLOAD_SHARE = 4
 #: Sections read once at start (the model, connections, files, logging): a reload keeps them.
-RESTART_SECTIONS = ("model", "classifier", "mqtt", "http", "spool", "snapshots", "log", "cluster")
+RESTART_SECTIONS = (
+    "model",
+    "classifier",
+    "mqtt",
+    "http",
+    "spool",
+    "snapshots",
+    "record",
+    "visits",
+    "log",
+    "cluster",
+)
 #: detect keys the detector and the loop read once at start (detect.fps applies on reload).
 RESTART_DETECT_KEYS = ("max_batch", "max_wait_ms", "max_age_ms")
 
@@ -133,6 +145,9 @@ class Daemon:
             self.health.cameras = lambda: [s.status() for s in self.sources.values()]
             self._snapshots = SnapshotStore(settings.snapshots.path, settings.snapshots.max_count)
             self.health.snapshot = self._snapshots.load
+            recorder = stack.enter_context(Recorder(settings.record.path, self.metrics))
+            self.health.clip = recorder.clip
+            self._recorder = recorder
             self.health.degraded = lambda: self._degraded(publisher)
             requests = RequestQueue(settings.http.queue_size)
             stack.callback(requests.close, "the daemon is stopping")
@@ -147,7 +162,8 @@ class Daemon:
             self.health.model_ready = True
             self.metrics.ready.set(1)
             if publisher is not None:
-                stack.callback(self._end_open_events, publisher)
+                self._dispatch = Dispatcher(publisher, self.metrics, self._snapshots, recorder)
+                stack.callback(self._end_open_events)
                 stack.callback(self._close_sources)
                 owned = mine(settings.cameras, self.shard)
                 logger.info(
@@ -172,7 +188,7 @@ class Daemon:
                 self.cameras,
                 self.metrics,
                 settings.model.conf,
-                on_alerts=lambda alerts: self._publish(alerts, publisher) if publisher is not None else None,
+                on_alerts=lambda alerts: self._dispatch.publish(alerts) if publisher is not None else None,
                 classifier=classifier,
             )
             self._loop(stop, detector, publisher, requests)
@@ -194,16 +210,23 @@ class Daemon:
     def _add_camera(self, name: str, settings: Settings, model: str, publisher: Publisher) -> None:
         camera = settings.cameras[name]
         self.cameras[name] = CameraPipeline(name, settings, model, publisher.topics, self.shard.instance_id)
-        source = Source(name, camera, settings.camera_fps(name), self.metrics, publisher.publish_status)
+        record = self._dispatch.add_camera(name, settings)
+        source = Source(
+            name,
+            camera,
+            settings.camera_fps(name),
+            self.metrics,
+            publisher.publish_status,
+            record=record,
+            on_recording=self._recorder.on_recording,
+        )
         self.sources[name] = source.__enter__()
 
     def _remove_camera(self, name: str, publisher: Publisher, forget: bool = True) -> None:
         self.sources.pop(name).close()
         if forget:
             publisher.forget_status(name)
-        ended = self.cameras.pop(name).rules.expire(float("inf"))
-        if ended:
-            self._publish(ended, publisher)
+        self._dispatch.remove_camera(name, self.cameras.pop(name).rules.expire(float("inf")))
         self.metrics.remove_camera(name)
 
     def _close_sources(self) -> None:
@@ -302,7 +325,8 @@ class Daemon:
         for camera in self.cameras.values():
             ended = camera.rules.expire(wall)
             if ended:
-                self._publish(ended, publisher)
+                self._dispatch.publish(ended)
+        self._dispatch.tick(wall)
 
     def _fill(
         self, scheduler: Scheduler, frames: list[Frame], max_wait: float, waitables: list[Any]
@@ -333,43 +357,7 @@ class Daemon:
             raise
         self.watchdog.processed(len(frames), time.monotonic())
 
-    def _publish(self, alerts: list[Alert], publisher: Publisher) -> None:
-        suppressed = [a for a in alerts if a.suppressed is not None]
-        for alert in suppressed:
-            self.metrics.events_suppressed.labels(alert.event.camera, alert.suppressed).inc()
-        alerts = [a for a in alerts if a.suppressed is None]
-        for alert in alerts:
-            event = alert.event
-            self.metrics.events.labels(event.camera, event.label, event.type).inc()
-            if alert.snapshot is not None:
-                self._save_snapshot(event.event_id, alert.snapshot)
-            logger.info(
-                "%s %s %s score=%.2f track=%d",
-                event.type,
-                event.label,
-                event.event_id,
-                event.score,
-                event.track_id,
-                extra={"camera": event.camera},
-            )
-        if not alerts:
-            return
-        try:
-            publisher.publish(alerts)
-        except Exception:  # it handles the spool's failures itself; anything else is a bug, not an exit
-            logger.exception("cannot publish %d event(s)", len(alerts))
-
-    def _save_snapshot(self, event_id: str, jpeg: bytes) -> None:
-        """Keep the snapshot for the HTTP API; a failure there never costs the event."""
-        try:
-            saved = self._snapshots.save(event_id, jpeg)  # logs a full disk itself, once per burst
-        except Exception:
-            logger.exception("cannot save the snapshot of %s", event_id)
-            saved = False
-        if not saved:
-            self.metrics.snapshot_save_failures.inc()
-
-    def _end_open_events(self, publisher: Publisher) -> None:
+    def _end_open_events(self) -> None:
         ended = [a for camera in self.cameras.values() for a in camera.rules.expire(float("inf"))]
-        if ended:
-            self._publish(ended, publisher)
+        self._dispatch.publish(ended)
+        self._dispatch.close()

@@ -74,6 +74,31 @@ class FrameReady:
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentClosed:
+    """A recording segment is complete on disk (``monitor.recording``): clips waiting for it may be cut."""
+
+    path: str
+    start: float
+    end: float
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingFailed:
+    """Segments cannot be written (a full disk): detection goes on, recording retries later."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordTarget:
+    """Where and how a recording camera's child writes its segments."""
+
+    directory: str
+    segment: float
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     """The child gives up: ``reason`` for the status; ``stalled`` when frames stopped coming."""
 
@@ -101,8 +126,13 @@ def decoder_main(
     latest_seq: Any,
     conn: mpc.Connection,
     decoder: Decoder = "cpu",
+    record: RecordTarget | None = None,
 ) -> None:
-    """Entry point of a decoder child. Exits non-zero with a ``Failed`` message."""
+    """Entry point of a decoder child. Exits non-zero with a ``Failed`` message.
+
+    A recording camera (``record``) is read with PyAV (``monitor.decoder_av``), which
+    demuxes once for both the segments and the frames; the others with OpenCV.
+    """
     # Ctrl-C reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # FFmpeg's messages say why a stream failed, but can carry the URL with its
@@ -116,7 +146,13 @@ def decoder_main(
     url = settings.url.get_secret_value()
     shm = SharedMemory(name=shm_name)
     try:
-        code = _decode_loop(cv2, settings, url, fps, shm, slot_bytes, latest_seq, conn, reasons, decoder)
+        if record is not None:
+            from monitor.decoder_av import record_loop
+
+            slots = Slots(shm, slot_bytes, latest_seq, conn)
+            code = record_loop(settings, url, fps, slots, conn, reasons, record)
+        else:
+            code = _decode_loop(cv2, settings, url, fps, shm, slot_bytes, latest_seq, conn, reasons, decoder)
     except Exception as exc:  # report, never print a traceback with the URL
         conn.send(Failed(redact(f"decoder error: {exc}")))
         code = 70
@@ -139,6 +175,16 @@ _REASONS = [
     (re.compile(r"no route to host|network is unreachable", re.I), "unreachable"),
     (re.compile(r"name or service not known|failed to resolve|name resolution", re.I), "host not found"),
 ]
+
+
+def classify(text: str) -> str | None:
+    """The fixed phrase for an FFmpeg error message, or None when none fits."""
+    for pattern, reason in _REASONS:
+        if pattern.search(text):
+            return reason
+    return None
+
+
 _FFMPEG_LINE = re.compile(r"^\[OPENCV:FFMPEG:(\d+)\] (.*)")
 _FFMPEG_VERBOSE = 40  # AV_LOG_VERBOSE: connection attempts and errors; lower numbers are worse
 
@@ -187,11 +233,10 @@ class _StderrReasons:
                 text = "timeout triggered"
             else:
                 continue  # FFmpeg debug output, SDP bodies: never classified, never shown
-            for pattern, reason in _REASONS:
-                if pattern.search(text):
-                    with self._caught_up:
-                        self._reason = reason
-                    break
+            reason = classify(text)
+            if reason is not None:
+                with self._caught_up:
+                    self._reason = reason
 
     def latest(self, fallback: str) -> str:
         """The last classified reason, or ``fallback``; forgets it.
@@ -273,6 +318,30 @@ class _NvdecCapture:
         self._frame = self._decoder = self._demuxer = self._packets = None
 
 
+class Slots:
+    """The child's side of the hand-off: each frame into the next slot, then ``FrameReady``."""
+
+    def __init__(self, shm: SharedMemory, slot_bytes: int, latest_seq: Any, conn: mpc.Connection) -> None:
+        self._shm = shm
+        self._slot_bytes = slot_bytes
+        self._latest_seq = latest_seq
+        self._conn = conn
+        self.seq = 0
+
+    def publish(self, image: np.ndarray) -> None:
+        """Copy ``image`` (BGR, at most the slot's size) into the next slot and announce it."""
+        seq = self.seq
+        out_h, out_w = image.shape[:2]
+        slot = seq % SLOTS
+        dest = np.ndarray((out_h, out_w, 3), np.uint8, self._shm.buf, slot * self._slot_bytes)
+        np.copyto(dest, image)
+        del dest
+        capture_time = time.time()
+        self._latest_seq.value = seq
+        self._conn.send(FrameReady(seq, slot, capture_time, out_h, out_w))
+        self.seq = seq + 1
+
+
 def _open_with(
     cv2: Any, settings: CameraSettings, url: str, decoder: Decoder
 ) -> tuple[Any, Decoder, str | None]:
@@ -300,7 +369,7 @@ def _open(cv2: Any, settings: CameraSettings, url: str) -> Any:
     return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
 
 
-def _target_size(settings: CameraSettings, width: int, height: int) -> tuple[int, int]:
+def target_size(settings: CameraSettings, width: int, height: int) -> tuple[int, int]:
     if settings.detect.width and settings.detect.height:
         return settings.detect.width, settings.detect.height
     scale = min(1.0, (MAX_NATIVE[0] * MAX_NATIVE[1] / (width * height)) ** 0.5)
@@ -332,7 +401,7 @@ def _decode_loop(
     native_fps = native_fps if 0 < native_fps < 1000 else 25.0
     period = 1.0 / fps
     next_due = 0.0
-    seq = 0
+    slots = Slots(shm, slot_bytes, latest_seq, conn)
     played = 0  # frames of the file played in this loop (real-time pacing)
     play_start = time.monotonic()
     opened = False
@@ -346,7 +415,7 @@ def _decode_loop(
             conn.send(Failed(stall_reason(settings), stalled=True))
             return 5
         if not grabbed:
-            if settings.is_file and seq > 0:
+            if settings.is_file and slots.seq > 0:
                 cap.release()
                 cap, decoder, _ = _open_with(cv2, settings, url, decoder)
                 played, play_start = 0, time.monotonic()
@@ -369,15 +438,8 @@ def _decode_loop(
         if not opened:
             conn.send(Opened(width, height, native_fps, decoder, fallback))
             opened = True
-        out_w, out_h = _target_size(settings, width, height)
+        out_w, out_h = target_size(settings, width, height)
         if (out_w, out_h) != (width, height):
             image = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA)
-        slot = seq % SLOTS
-        dest = np.ndarray((out_h, out_w, 3), np.uint8, shm.buf, slot * slot_bytes)
-        np.copyto(dest, image)
-        del dest
-        capture_time = time.time()
-        latest_seq.value = seq
-        conn.send(FrameReady(seq, slot, capture_time, out_h, out_w))
-        seq += 1
+        slots.publish(image)
         next_due = max(next_due + period, now)

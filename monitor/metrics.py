@@ -147,6 +147,24 @@ class Metrics:
         for stage in STAGES:
             self.stage_duration.labels(stage)
         # The families with a camera label.
+        self.recording_bytes = Gauge(
+            "monitor_recording_bytes", "Bytes of recording segments and clips on disk.", registry=r
+        )
+        self.clips = Counter("monitor_clips", "Clips of events and visits made.", ["camera"], registry=r)
+        self.clip_failures = Counter(
+            "monitor_clip_failures",
+            "Clips that could not be made (the end event's clip_error), by reason.",
+            ["camera", "reason"],
+            registry=r,
+        )
+        self.recording_segments_dropped = Counter(
+            "monitor_recording_segments_dropped",
+            "Recording segments not written (disk full, read-only) or deleted to stay within retention.",
+            registry=r,
+        )
+        self.reviews = Counter(
+            "monitor_reviews", "Visit (review item) messages emitted.", ["camera", "type"], registry=r
+        )
         self._per_camera = (
             self.frames,
             self.frames_processed,
@@ -158,6 +176,9 @@ class Metrics:
             self.events,
             self.events_suppressed,
             self.classifier_crops,
+            self.clips,
+            self.clip_failures,
+            self.reviews,
         )
 
     def add_camera(self, camera: str) -> None:

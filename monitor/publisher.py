@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel
 
 from monitor.alerts import Alert
 from monitor.errors import PublishError
@@ -224,6 +225,13 @@ class Publisher:
             outgoing.append(Outgoing(self.topics.events(), body, False, alert.capture_time))
             if alert.snapshot is not None and event.snapshot is not None:
                 outgoing.append(Outgoing(event.snapshot, alert.snapshot, True, None))
+        self._send(outgoing)
+
+    def publish_reviews(self, reviews: list[BaseModel]) -> None:
+        """Spool and send visits (``monitor.visits.Review``) on ``<prefix>/reviews``, as events are."""
+        self._send([Outgoing(self.topics.reviews(), r.model_dump_json().encode()) for r in reviews])
+
+    def _send(self, outgoing: list[Outgoing]) -> None:
         if not outgoing:
             return
         with self._publishing:

@@ -33,6 +33,9 @@ from monitor.decoder import (
     FrameReady,
     Opened,
     Opening,
+    RecordingFailed,
+    RecordTarget,
+    SegmentClosed,
     decoder_main,
     frame_bytes,
     stall_reason,
@@ -95,6 +98,8 @@ class Source:
         on_status: Called with each new state.
         feed: For ``monitor bench``: a stand-in child writes these pre-made frames into the
             same slots on the same clock instead of decoding ``settings.url``.
+        record: Where the child also records the stream's segments (the camera records).
+        on_recording: Called with the child's ``SegmentClosed`` and ``RecordingFailed``.
     """
 
     def __init__(
@@ -105,8 +110,12 @@ class Source:
         metrics: Metrics,
         on_status: Callable[[CameraStatus], None] | None = None,
         feed: SyntheticFeed | None = None,
+        record: RecordTarget | None = None,
+        on_recording: Callable[[str, SegmentClosed | RecordingFailed], None] | None = None,
     ) -> None:
         self.name = name
+        self._record = record
+        self._on_recording = on_recording
         self.settings = settings
         self.fps = fps
         self._feed = feed
@@ -219,7 +228,7 @@ class Source:
         return _CTX.Process(
             target=decoder_main,
             name=f"monitor-decoder-{self.name}",
-            args=(self.settings, self.fps, *handoff, self._decoder),
+            args=(self.settings, self.fps, *handoff, self._decoder, self._record),
             daemon=True,
         )
 
@@ -277,6 +286,9 @@ class Source:
                     self._fallback_logged = True  # once per camera, not per reconnect
                     log = logger.warning if self.settings.decoder == "nvdec" else logger.info
                     log("%s: decoding on the CPU", message.fallback, extra={"camera": self.name})
+            elif isinstance(message, SegmentClosed | RecordingFailed):
+                if self._on_recording is not None:
+                    self._on_recording(self.name, message)
             elif isinstance(message, Failed):
                 self._failure = message.reason
                 self._failure_state = CameraState.STALLED if message.stalled else CameraState.OFFLINE

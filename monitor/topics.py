@@ -6,6 +6,7 @@ Topics (``P`` is ``mqtt.topic_prefix``):
   the cameras): retained ``online`` / ``offline``, and the last will;
 * ``P/events``: one JSON event per message, and the same on
   ``P/<camera>/<category>``;
+* ``P/reviews``: one JSON visit (review item) per message, new/update/end;
 * ``P/<camera>/<label>/snapshot``: retained annotated JPEG of an event's best frame;
 * ``P/<camera>/status``: retained JSON camera state.
 
@@ -67,6 +68,10 @@ class Topics:
     def events(self) -> str:
         """Where every event goes."""
         return self._join("events")
+
+    def reviews(self) -> str:
+        """Where every visit (review item) goes: one notification per visit."""
+        return self._join("reviews")
 
     def status(self, camera: str) -> str:
         """A camera's retained state."""

@@ -13,7 +13,9 @@ RTSP sink syncs on the pipeline clock) and ends with the file: a camera that
 "reboots" at the end of the clip, which the daemon must ride over.
 
 Prints ``READY <port>`` on stdout once it listens, so callers wait for that
-line instead of sleeping.
+line instead of sleeping. With ``--clients FILE`` it appends a line per RTSP
+client connecting and closing (``connected N`` / ``closed N``, N the clients
+connected now), so a test can check how many sessions a camera really takes.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main() -> int:
     parser.add_argument("--mount", type=_mount, action="append", required=True)
     parser.add_argument("--user", help="require this user (basic auth)")
     parser.add_argument("--password", help="password for --user")
+    parser.add_argument("--clients", help="append a line per client connecting and closing to this file")
     args = parser.parse_args()
 
     Gst.init(None)
@@ -71,6 +74,21 @@ def main() -> int:
         basic = GstRtspServer.RTSPAuth.make_basic(args.user, args.password or "")
         auth.add_basic(basic, token)
         server.set_auth(auth)
+
+    if args.clients:
+        log = open(args.clients, "a", buffering=1)  # noqa: SIM115 (open while the server runs)
+        live = [0]
+
+        def closed(client: GstRtspServer.RTSPClient) -> None:
+            live[0] -= 1
+            log.write(f"closed {live[0]}\n")
+
+        def connected(server: GstRtspServer.RTSPServer, client: GstRtspServer.RTSPClient) -> None:
+            live[0] += 1
+            log.write(f"connected {live[0]}\n")
+            client.connect("closed", closed)
+
+        server.connect("client-connected", connected)
 
     if server.attach(None) == 0:
         print(f"cannot listen on {args.host}:{args.port}", file=sys.stderr)
