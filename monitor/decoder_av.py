@@ -121,7 +121,7 @@ def record_loop(
                     return 5
                 conn.send(Failed(_reason(exc, reasons, "end of stream" if opened else "no video stream")))
                 return 3
-            if packet is None or packet.dts is None:  # end of the stream (PyAV's flush packet)
+            if packet is None or (packet.size == 0 and packet.dts is None):  # the end (PyAV's flush packet)
                 if settings.is_file and slots.seq > 0:
                     writer.close(time.time())  # the replay starts its timestamps again
                     container.close()

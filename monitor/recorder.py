@@ -41,7 +41,9 @@ from monitor.visits import Review
 logger = logging.getLogger(__name__)
 
 #: Seconds between two passes of the ring and retention.
-HOUSEKEEPING = 5.0
+HOUSEKEEPING = 1.0
+#: Retention keeps this many passes' worth of the camera's bit rate free for the segment being written.
+HEADROOM_PASSES = 3
 #: Seconds past ``end + post_capture + segment`` a clip waits for the recording to catch up.
 CLIP_GRACE = 10.0
 #: Ids of events and visits (hex tokens): the only names a clip file may have.
@@ -56,6 +58,7 @@ class _Camera:
     settings: RecordSettings
     directory: Path
     latest_end: float = 0.0  # end of the newest closed segment (written by the loop's thread)
+    rate: float = 0.0  # bytes per second of the newest closed segment
     open_since: dict[str, float] = field(default_factory=dict)  # open event/visit id -> start time
 
 
@@ -143,6 +146,7 @@ class Recorder:
             return
         if isinstance(message, SegmentClosed):
             camera.latest_end = max(camera.latest_end, message.end)
+            camera.rate = message.bytes / max(message.end - message.start, 0.1)
             if self._failing.pop(name, None) is not None:
                 logger.info("recording again", extra={"camera": name})
             with self._lock:
@@ -311,6 +315,9 @@ class Recorder:
         update: dict[str, str | None]
         try:
             segments = list_segments(segments_dir(root, job.camera))
+            # Room first: the clip is at most the segments it is cut from, so the bound holds.
+            size = sum(x.bytes for x in segments if x.end >= job.start and x.start <= job.end)
+            self._housekeeping(time.time(), {job.camera: size})
             cut_clip(segments, job.start, job.end, clips_dir(root, job.camera) / f"{clip_id}.mp4")
             update = {"clip": url, "clip_error": None}
             self._metrics.clips.labels(job.camera).inc()
@@ -334,8 +341,12 @@ class Recorder:
         camera = self._cameras.get(name)
         return camera.settings.path if camera is not None else self.root
 
-    def _housekeeping(self, now: float) -> None:
-        """The ring (segments no open event can need) and retention, per camera."""
+    def _housekeeping(self, now: float, reserve: dict[str, int] | None = None) -> None:
+        """The ring (segments no open event can need) and retention, per camera.
+
+        Retention leaves room for what is written until the next pass (the camera's bit
+        rate), and for ``reserve`` bytes per camera (a clip about to be cut).
+        """
         with self._lock:
             cameras = [
                 (
@@ -351,9 +362,9 @@ class Recorder:
             keep = min(now - s.pre_capture - 2 * s.segment, opened, pending)
             try:
                 prune_segments(segments_dir(s.path, camera.name), keep)
-                result = enforce_retention(
-                    camera.directory, s.retention.days * 86400, int(s.retention.max_bytes), now
-                )
+                room = HEADROOM_PASSES * HOUSEKEEPING * camera.rate + (reserve or {}).get(camera.name, 0)
+                bound = max(0, int(s.retention.max_bytes - room))
+                result = enforce_retention(camera.directory, s.retention.days * 86400, bound, now)
             except OSError as exc:
                 logger.warning("retention failed: %s", exc.strerror, extra={"camera": camera.name})
                 continue

@@ -14,8 +14,8 @@ RTSP sink syncs on the pipeline clock) and ends with the file: a camera that
 
 Prints ``READY <port>`` on stdout once it listens, so callers wait for that
 line instead of sleeping. With ``--clients FILE`` it appends a line per RTSP
-client connecting and closing (``connected N`` / ``closed N``, N the clients
-connected now), so a test can check how many sessions a camera really takes.
+client connecting and closing (``connected N T`` / ``closed N T``: N clients
+connected now, T the Unix time), so a test can check how many sessions a camera really takes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 
 import gi
 
@@ -81,11 +82,11 @@ def main() -> int:
 
         def closed(client: GstRtspServer.RTSPClient) -> None:
             live[0] -= 1
-            log.write(f"closed {live[0]}\n")
+            log.write(f"closed {live[0]} {time.time():.3f}\n")
 
         def connected(server: GstRtspServer.RTSPServer, client: GstRtspServer.RTSPClient) -> None:
             live[0] += 1
-            log.write(f"connected {live[0]}\n")
+            log.write(f"connected {live[0]} {time.time():.3f}\n")
             client.connect("closed", closed)
 
         server.connect("client-connected", connected)

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.integration
 TOKEN = "clip-test-token"
 PRE, POST, SEGMENT, GAP = 3.0, 2.0, 2.0, 4.0
 GOP = 1.0  # tests/data/vtest.mp4: a keyframe every second
+CLIP_SECONDS = 30.0
+RECORDING_MINUTES = 2
 SOURCE_CODEC = "h264"
 
 
@@ -142,7 +144,18 @@ def test_a_person_event_on_an_rtsp_camera_gets_a_stream_copied_clip_with_pre_rol
         events = subscriber_factory(broker.port, "test/events")
         reviews = subscriber_factory(broker.port, "test/reviews")
         daemon = daemon_factory(record_config(weights, tmp_path, broker.port, server.url("walk")))
-        end = wait_json(events, lambda e: e["type"] == "end" and e["clip"], 120, "an end with a clip")
+
+        def whole(event: dict[str, Any]) -> bool:
+            """An end whose clip span lies inside one of the server's sessions (each plays the 30 s file)."""
+            if event["type"] != "end" or not event["clip"]:
+                return False
+            starts = [
+                float(line.split()[2]) for line in clients.read_text().splitlines() if "connected" in line
+            ]
+            span = (event["start_time"] - PRE - GOP, event["end_time"] + POST)
+            return any(s + 1 < span[0] and span[1] < s + CLIP_SECONDS for s in starts)
+
+        end = wait_json(events, whole, 180, "an end with a clip of its whole span")
         first_new = next(e for e in messages(events) if e["event_id"] == end["event_id"])
         assert end["clip"] == f"/api/events/{end['event_id']}/clip.mp4"
         assert end["clip_error"] is None
@@ -285,14 +298,16 @@ def test_retention_holds_the_bytes_under_the_bound_and_deletes_the_oldest_clips_
     )
     events = subscriber_factory(broker.port, "test/events")
     daemon = daemon_factory(config)
-    peak = 0
+    started, peak = time.monotonic(), 0
 
-    def enough_clips() -> bool:
+    def minutes_of_clips() -> bool:
+        """Two minutes of recording (the camera plays in real time) and at least eight clips."""
         nonlocal peak
         peak = max(peak, disk_bytes(root / "walk"))
-        return sum(e["type"] == "end" and e["clip"] is not None for e in messages(events)) >= 8
+        clips = sum(e["type"] == "end" and e["clip"] is not None for e in messages(events))
+        return time.monotonic() - started >= RECORDING_MINUTES * 60 and clips >= 8
 
-    wait_until(enough_clips, 300, "eight clips", interval=0.5)
+    wait_until(minutes_of_clips, RECORDING_MINUTES * 60 + 180, "minutes of clips", interval=0.5)
     assert peak <= bound
     made = [e["event_id"] for e in messages(events) if e["type"] == "end" and e["clip"] is not None]
     kept = {p.stem for p in (root / "walk" / "clips").glob("*.mp4")}

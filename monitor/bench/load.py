@@ -12,7 +12,13 @@ from pydantic import ValidationError
 from monitor.bench.options import BenchOptions
 from monitor.decoder import MAX_NATIVE
 from monitor.errors import ConfigError, DetectorError, SourceError
-from monitor.settings import CameraDetectSettings, CameraSettings, DetectSettings, Settings
+from monitor.settings import (
+    CameraDetectSettings,
+    CameraRecordSettings,
+    CameraSettings,
+    DetectSettings,
+    Settings,
+)
 
 DEFAULT_CLIP = Path(__file__).resolve().parents[2] / "tests" / "data" / "vtest.mp4"
 #: Frame size of synthetic streams when none is given.
@@ -33,6 +39,7 @@ def bench_settings(base: Settings, options: BenchOptions, url: str, size: tuple[
                 url=url,
                 detect=CameraDetectSettings(fps=options.fps_of(i), width=width, height=height),
                 decoder=options.decoder,
+                record=CameraRecordSettings(enabled=True) if options.record else None,
             )
             for i in range(options.streams)
         }

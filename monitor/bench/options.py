@@ -21,6 +21,7 @@ class BenchOptions:
         height: See ``width``.
         max_batch: ``detect.max_batch`` (default: the settings').
         decoder: Every file stream's ``decoder`` (``auto``, ``cpu``, ``nvdec``).
+        record: File streams also record (``record.enabled``): the PyAV child, segments on disk.
         duration: Seconds measured.
         warmup: Seconds run before measuring (after every stream delivered a frame).
         compare_naive: Also time Ultralytics' own predict loop on the same frames.
@@ -36,6 +37,7 @@ class BenchOptions:
     height: int | None = None
     max_batch: int | None = None
     decoder: str = "auto"
+    record: bool = False
     duration: float = 30.0
     warmup: float = 5.0
     compare_naive: bool = False
@@ -55,6 +57,8 @@ class BenchOptions:
                 problems.append(f"{name}: must be >= 16, got {value}")
         if self.decoder not in ("auto", "cpu", "nvdec"):
             problems.append(f"decoder: must be auto, cpu or nvdec, got {self.decoder!r}")
+        if self.record and self.synthetic:
+            problems.append("record: synthetic streams have nothing to record; use file streams")
         if self.max_batch is not None and self.max_batch < 1:
             problems.append(f"max_batch: must be >= 1, got {self.max_batch}")
         if self.duration <= 0:

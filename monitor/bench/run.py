@@ -41,9 +41,11 @@ from monitor.bench.report import (
     StreamResult,
 )
 from monitor.classifier import Classifier, load_classifier
+from monitor.decoder import RecordTarget
 from monitor.detector import Detector
 from monitor.errors import ConfigError
 from monitor.metrics import Metrics
+from monitor.recorder import Recorder as ClipRecorder
 from monitor.settings import Settings
 from monitor.sources import Source
 from monitor.synthetic import SyntheticFeed, synthetic_frames
@@ -116,6 +118,17 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         pool = synthetic_frames(*frame_size) if options.synthetic else []
         metrics = Metrics()
         recorder = Recorder()
+        clips: ClipRecorder | None = None
+        if options.record:  # segments into a folder of their own, deleted afterwards (the ring)
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="monitor-bench-rec-")))
+            record = settings.record.model_copy(update={"path": folder})
+            settings = settings.model_copy(update={"record": record})
+            clips = stack.enter_context(ClipRecorder(folder, metrics))
+
+        def record_of(name: str) -> RecordTarget | None:
+            record = settings.record_for(name)
+            return clips.add_camera(name, record) if clips is not None and record is not None else None
+
         with ExitStack() as streams:
             # Synthetic streams: stand-in children write pre-made frames into the same
             # shared-memory slots on the same clock, so the hand-off is the cameras' own.
@@ -131,6 +144,8 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
                         settings.camera_fps(name),
                         metrics,
                         feed=feeds[name] if options.synthetic else None,
+                        record=record_of(name),
+                        on_recording=clips.on_recording if clips is not None else None,
                     )
                 )
                 for name, camera in settings.cameras.items()
@@ -163,7 +178,7 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         half=detector.half,
         max_batch=settings.detect.max_batch,
         conf=settings.model.conf,
-        decoder="synthetic" if options.synthetic else options.decoder,
+        decoder="synthetic" if options.synthetic else options.decoder + (" + record" * options.record),
         duration_s=options.duration,
         warmup_s=options.warmup,
         naive_frames=options.naive_frames if options.compare_naive else None,
