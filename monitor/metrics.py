@@ -189,6 +189,7 @@ class Metrics:
             self.frames_dropped,
             self.camera_reconnects,
             self.classifier_crops,
+            self.clips,
         ):
             family.labels(camera)
         for reason in SUPPRESSION_REASONS:

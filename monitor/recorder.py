@@ -9,9 +9,12 @@ thread of its own, so the pipeline loop only hands work over:
   is closed, or a deadline passed: a camera that went offline), then cut into
   ``<path>/<camera>/clips/<id>.mp4`` and released with ``clip`` set, or
   ``clip_error`` saying why. The loop publishes what ``done()`` returns;
-* segments are kept while an open event or visit may need them for its
-  pre-roll, and deleted after (the ring); clips by age and by
-  ``retention.max_bytes`` (oldest first; segments only once no clip is left);
+* segments are kept while an open event may need them for its pre-roll,
+  and deleted after (the ring); clips by age and by ``retention.max_bytes``
+  (oldest first; segments only once no clip is left). An open visit does not
+  hold the ring: a camera busy all day would keep a day of segments and push
+  out the events' clips. A visit's clip is cut at its end from what the ring
+  still holds, its events' periods (``cut_clip`` closes the gaps between);
 * a journal (``<path>/<camera>/open/<id>.json``, the latest new/update of each
   open event and visit) survives ``kill -9``: after a restart each entry is
   ended with a clip cut from the segments left on disk, or ``clip_error``.
@@ -59,7 +62,7 @@ class _Camera:
     directory: Path
     latest_end: float = 0.0  # end of the newest closed segment (written by the loop's thread)
     rate: float = 0.0  # bytes per second of the newest closed segment
-    open_since: dict[str, float] = field(default_factory=dict)  # open event/visit id -> start time
+    open_since: dict[str, float] = field(default_factory=dict)  # open event id -> start time
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +188,8 @@ class Recorder:
         if camera is None:
             return False
         if review.type == "end":
-            self._opened(camera, review.visit_id, None)
             self._add_job(camera, review, review.start_time, review.end_time or last)
             return True
-        self._opened(camera, review.visit_id, review.start_time)
         self._journal(camera, review.visit_id, "review", review.model_dump_json(), last)
         return False
 
@@ -226,7 +227,7 @@ class Recorder:
 
     # -- internals -------------------------------------------------------------
     def _opened(self, camera: _Camera, item_id: str, start: float | None) -> None:
-        """Note an open event or visit (its pre-roll stays in the ring), or its end (None)."""
+        """Note an open event (its pre-roll stays in the ring), or its end (None)."""
         with self._lock:
             if start is None:
                 camera.open_since.pop(item_id, None)
@@ -317,7 +318,7 @@ class Recorder:
             segments = list_segments(segments_dir(root, job.camera))
             # Room first: the clip is at most the segments it is cut from, so the bound holds.
             size = sum(x.bytes for x in segments if x.end >= job.start and x.start <= job.end)
-            self._housekeeping(time.time(), {job.camera: size})
+            self._housekeeping(time.time(), {job.camera: size}, {job.camera: job.start})
             cut_clip(segments, job.start, job.end, clips_dir(root, job.camera) / f"{clip_id}.mp4")
             update = {"clip": url, "clip_error": None}
             self._metrics.clips.labels(job.camera).inc()
@@ -341,25 +342,33 @@ class Recorder:
         camera = self._cameras.get(name)
         return camera.settings.path if camera is not None else self.root
 
-    def _housekeeping(self, now: float, reserve: dict[str, int] | None = None) -> None:
+    def _housekeeping(
+        self, now: float, reserve: dict[str, int] | None = None, cutting: dict[str, float] | None = None
+    ) -> None:
         """The ring (segments no open event can need) and retention, per camera.
 
         Retention leaves room for what is written until the next pass (the camera's bit
-        rate), and for ``reserve`` bytes per camera (a clip about to be cut).
+        rate), and for ``reserve`` bytes per camera (a clip about to be cut, whose segments
+        from ``cutting`` on the ring keeps).
         """
         with self._lock:
             cameras = [
                 (
                     camera,
                     min(camera.open_since.values(), default=now) - camera.settings.pre_capture,
-                    min((j.start for j in self._jobs if j.camera == camera.name), default=now),
+                    min(
+                        [j.start for j in self._jobs if j.camera == camera.name],
+                        default=now,
+                    ),
                 )
                 for camera in self._cameras.values()
             ]
         total = 0
         for camera, opened, pending in cameras:
             s = camera.settings
-            keep = min(now - s.pre_capture - 2 * s.segment, opened, pending)
+            keep = min(
+                now - s.pre_capture - 2 * s.segment, opened, pending, (cutting or {}).get(camera.name, now)
+            )
             try:
                 prune_segments(segments_dir(s.path, camera.name), keep)
                 room = HEADROOM_PASSES * HOUSEKEEPING * camera.rate + (reserve or {}).get(camera.name, 0)

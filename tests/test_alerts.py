@@ -12,9 +12,11 @@ import supervision as sv
 
 from monitor.alerts import Alert, AlertRules
 from monitor.camera import CameraPipeline
-from monitor.daemon import Daemon
+from monitor.dispatch import Dispatcher
 from monitor.frames import Frame
+from monitor.metrics import Metrics
 from monitor.publisher import Publisher
+from monitor.recorder import Recorder
 from monitor.settings import FilterSettings, ObjectsSettings, Settings
 from monitor.snapshots import SnapshotStore
 from monitor.spool import Spool
@@ -424,19 +426,26 @@ def test_cooldown_is_per_camera_and_label():
 def test_suppressed_counter_counts_exactly_the_events_not_sent(tmp_path, broker, subscriber_factory):
     settings = cooldown_settings(broker.port)
     gate, yard = gate_and_yard(settings)
-    daemon = Daemon(settings)
+    metrics = Metrics()
     for camera in COOLDOWN_CAMERAS:
-        daemon.metrics.add_camera(camera)  # as the daemon's sources do
-    daemon._snapshots = SnapshotStore(tmp_path / "snapshots", 10)
+        metrics.add_camera(camera)  # as the daemon's sources do
+    snapshots = SnapshotStore(tmp_path / "snapshots", 10)
     sub = subscriber_factory(broker.port, "t/events")
-    with Spool(tmp_path / "spool.db") as spool, Publisher(settings.mqtt, spool, daemon.metrics) as publisher:
+    with (
+        Spool(tmp_path / "spool.db") as spool,
+        Publisher(settings.mqtt, spool, metrics) as publisher,
+        Recorder(tmp_path / "recordings", metrics) as recorder,
+    ):
+        dispatch = Dispatcher(publisher, metrics, snapshots, recorder)
+        for camera in COOLDOWN_CAMERAS:
+            dispatch.add_camera(camera, settings)
         for alerts in (gate, yard):
-            daemon._publish(alerts, publisher)
+            dispatch.publish(alerts)  # as the daemon's loop does
         wait_until(lambda: spool.count() == 0, 10, "every sent event acknowledged")
 
     def suppressed(camera: str, reason: str) -> float | None:
         labels = {"camera": camera, "reason": reason}
-        return daemon.metrics.registry.get_sample_value("monitor_events_suppressed_total", labels)
+        return metrics.registry.get_sample_value("monitor_events_suppressed_total", labels)
 
     silenced = [a for a in gate if a.suppressed is not None]
     assert [a.event.type for a in silenced] == ["new", "end"]

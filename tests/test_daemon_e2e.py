@@ -32,6 +32,8 @@ EVENT_FIELDS = {
     "frame_time",
     "model",
     "snapshot",
+    "clip",  # null: these cameras do not record
+    "clip_error",
     "instance",
     "category",
     "current_zones",

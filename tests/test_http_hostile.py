@@ -225,6 +225,35 @@ def test_a_malformed_event_id_is_404_and_never_reaches_the_snapshot_store():
         assert asked == ["1712345678.123456-a1b2c3"]
 
 
+def test_a_malformed_clip_id_is_404_and_never_reaches_the_recordings(tmp_path):
+    asked: list[str] = []
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\0" * 1000)
+
+    def find(clip_id: str):
+        asked.append(clip_id)
+        return clip if clip_id == "1712345678.123456-a1b2c3" else None
+
+    with http_server(Health(clip=find)) as server:
+        base = f"http://127.0.0.1:{server.port}/api"
+        for bad in ["..%2F..%2Fetc%2Fpasswd", "x" * 300, "1712345678.123456-ABCDEF"]:
+            for kind in ("events", "reviews"):
+                assert httpx.get(f"{base}/{kind}/{bad}/clip.mp4", timeout=5).status_code == 404, bad
+        assert asked == []
+        assert httpx.get(f"{base}/events/1712345678.123456-ffffff/clip.mp4", timeout=5).status_code == 404
+        found = httpx.get(f"{base}/reviews/1712345678.123456-a1b2c3/clip.mp4", timeout=5)
+        assert (found.status_code, found.headers["content-type"], len(found.content)) == (
+            200,
+            "video/mp4",
+            1000,
+        )
+        # A range past the end is refused as HTTP says (416), not answered with the whole file.
+        beyond = httpx.get(
+            f"{base}/reviews/1712345678.123456-a1b2c3/clip.mp4", headers={"Range": "bytes=5000-"}
+        )
+        assert beyond.status_code == 416
+
+
 #: The HTTP server in a child with few descriptors and no connection limit: accept runs out.
 OUT_OF_DESCRIPTORS_SERVER = """
 import os, resource, sys

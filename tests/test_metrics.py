@@ -25,7 +25,7 @@ SECONDS = {
     "monitor_spool_oldest_age_seconds",
 }
 #: Families that measure memory or disk: base unit bytes.
-BYTES = {"monitor_gpu_memory_bytes"}
+BYTES = {"monitor_gpu_memory_bytes", "monitor_recording_bytes"}
 #: Counts of things, and 0/1 states: no unit.
 UNITLESS = {
     "monitor_build",
@@ -50,6 +50,10 @@ UNITLESS = {
     "monitor_snapshot_save_failures",
     "monitor_ready",
     "monitor_loop_iterations",
+    "monitor_clips",
+    "monitor_clip_failures",
+    "monitor_recording_segments_dropped",
+    "monitor_reviews",
 }
 #: Series that ``add_camera`` creates at zero.
 CAMERA_SERIES = [
