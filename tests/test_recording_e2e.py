@@ -344,3 +344,25 @@ def test_a_full_recording_disk_stops_recording_with_a_log_line_and_a_metric_whil
     assert status == 200
     assert daemon.terminate() == 0
     assert os.path.ismount(disk.path)
+
+
+def test_a_recording_camera_with_a_wrong_password_says_unauthorized_and_never_shows_it(
+    weights, tmp_path, broker, subscriber_factory, daemon_factory
+):
+    wrong = "wr0ng-s3cret-pw"
+    server = start_rtsp_server({"walk": CLIP}, extra=["--user", "ranger", "--password", "right-pw"])
+    try:
+        url = f"rtsp://ranger:{wrong}@127.0.0.1:{server.port}/walk"
+        config = record_config(weights, tmp_path, broker.port, url)
+        config["cameras"]["walk"]["backoff_max"] = 1.0
+        status = subscriber_factory(broker.port, "test/walk/status")
+        daemon = daemon_factory(config)
+        reported = wait_json(status, lambda s: s["reason"] == "unauthorized", 30, "the camera unauthorized")
+        assert reported["state"] == "offline"
+        _, _, metrics = get(daemon.http_port, "/metrics")
+        assert daemon.terminate() == 0
+    finally:
+        server.stop()
+    assert wrong not in daemon.log()
+    assert wrong.encode() not in metrics
+    assert not list((tmp_path / "recordings" / "walk" / "segments").glob("*.ts"))
