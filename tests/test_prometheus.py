@@ -435,7 +435,8 @@ def test_every_dashboard_and_rule_query_returns_the_daemons_series(
         for f in families
         if not f.name.endswith("_created")
         and not f.name.startswith("process_")
-        and not {s.name for s in f.samples} & used
+        # A labelled family with no series yet (clip failures of a camera that never failed) by its name.
+        and not ({s.name for s in f.samples} or {f.name, f"{f.name}_total"}) & used
     ]
     assert not missing, f"families without a panel in {DASHBOARD.name}: {missing}"
 
