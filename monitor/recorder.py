@@ -104,10 +104,14 @@ class Recorder:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stop_thread()
+
+    def _stop_thread(self) -> None:
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     # -- cameras -------------------------------------------------------------
     def add_camera(self, name: str, settings: RecordSettings, recover: bool = True) -> RecordTarget:
@@ -208,7 +212,11 @@ class Recorder:
                 (camera.directory / "open" / f"{clip_id}.json").unlink(missing_ok=True)
 
     def finish(self) -> list[tuple[Item, list[str]]]:
-        """Cut every pending clip now with what is on disk (the daemon stops; decoders are gone)."""
+        """Cut every pending clip now with what is on disk (the daemon stops; decoders are gone).
+
+        The cutting thread is stopped first: a clip it is cutting is finished and returned too.
+        """
+        self._stop_thread()
         with self._lock:
             jobs, self._jobs = self._jobs, []
         for job in jobs:
