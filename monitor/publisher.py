@@ -1,35 +1,31 @@
 """MQTT publishing (QoS 1) behind the on-disk spool: no alert is lost.
 
-The topics are ``monitor.topics``'s; the broker connection (paho, TLS, login,
-availability, why it is down) is ``monitor.mqtt_connection``'s.
+Topics: ``monitor.topics``; the broker connection: ``monitor.mqtt_connection``.
 
-Events and snapshots go to the spool first, then to paho, which keeps them
-(and re-sends them after a reconnect) until the broker's PUBACK; the PUBACK
-deletes them from the spool. Camera status and availability are state, not
-history: they are re-published on every connect instead of spooled.
+Events, visits and snapshots go to the spool first, then to paho, which keeps
+them (re-sent after a reconnect) until the broker's PUBACK deletes them from
+the spool. Camera status and availability are state: re-published on every
+connect, not spooled.
 
 At most ``WINDOW`` spooled messages are in paho's hands at a time
 (``monitor.window``); the rest wait on disk, bounded by ``spool.max_events``
 and ``spool.max_age``. A row the spool drops to stay within its bounds may
 still be delivered if paho already holds it.
 
-Under MQTT 5 a PUBACK carries a reason code: one that says failure (0x87
-not authorized, when the broker's ACL denies the topic) leaves the row in the
-spool, logged and counted in ``monitor_mqtt_publish_refused_total``, to be
-sent again on the next start. MQTT 3.1.1 has no such code, and Mosquitto
-PUBACKs a publish its ACL denies like any other, so under 3.1.1 that message
-is deleted and lost: ``mqtt.protocol: "5"`` is the safer choice.
+Under MQTT 5 a PUBACK that says failure (0x87 not authorized: the broker's
+ACL denies the topic) leaves the row in the spool, logged and counted in
+``monitor_mqtt_publish_refused_total``, to be sent again on the next start.
+MQTT 3.1.1 has no such code and Mosquitto acknowledges a denied publish, so
+there that message is lost: ``mqtt.protocol: "5"`` is the safer choice.
 
 When the spool cannot be written, nothing stops: events go to paho directly
-and wait in memory, bounded, until their PUBACK, and the spool takes over
-again once it can be written (``monitor.held``). A PUBACK whose row cannot be
-deleted is retried then (until then the row would only be a duplicate at the
-next start).
+and wait in memory, bounded, until their PUBACK; the spool takes over once it
+can be written (``monitor.held``), and deletes of acknowledged rows that
+failed are retried then (meanwhile a row is at worst a duplicate later).
 
-A message paho refuses outright (a topic with an MQTT wildcard, which a
-label like ``per+son`` makes) can never be sent: it is moved to the spool's
-quarantine table, logged and counted in ``monitor_spool_quarantined_total``,
-instead of being replayed at every start.
+A message paho refuses outright (a topic with an MQTT wildcard: a label like
+``per+son``) can never be sent: it is moved to the spool's quarantine table,
+logged and counted in ``monitor_spool_quarantined_total``, not replayed.
 """
 
 from __future__ import annotations
@@ -221,8 +217,9 @@ class Publisher:
         outgoing = []
         for alert in alerts:
             event = alert.event
-            body = event.model_dump_json().encode()
-            outgoing.append(Outgoing(self.topics.events(), body, False, alert.capture_time))
+            outgoing.append(
+                Outgoing(self.topics.events(), event.model_dump_json().encode(), False, alert.capture_time)
+            )
             if alert.snapshot is not None and event.snapshot is not None:
                 outgoing.append(Outgoing(event.snapshot, alert.snapshot, True, None))
         self._send(outgoing)
