@@ -59,6 +59,8 @@ def cmd_bench(args: argparse.Namespace, *, load: LoadSettings, offline: Offline)
             max_batch=args.max_batch,
             decoder=args.decoder,
             record=args.record,
+            runtime=args.runtime,
+            replay_detections=args.replay_detections,
             duration=args.duration,
             warmup=args.warmup,
             compare_naive=args.compare_naive,
@@ -136,6 +138,14 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpa
         default="auto",
         help="file streams' decoder: nvdec needs PyNvVideoCodec and a GPU (default: %(default)s)",
     )
+    bench.add_argument(
+        "--runtime",
+        choices=["model", "null"],
+        default="model",
+        help="null: replay detections recorded from the model on --replay-detections, no inference "
+        "(tracking and alert rules cost what they cost; the bench measures all but the network)",
+    )
+    bench.add_argument("--replay-detections", type=Path, metavar="CLIP", help="footage for --runtime null")
     bench.add_argument(
         "--record",
         action="store_true",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,8 +229,13 @@ class Detector:
         """
         return self._run(images, conf, timed=False).detections
 
-    def detect_timed(self, images: list[np.ndarray], conf: float | None = None) -> Detected:
-        """``detect``, and the seconds each stage took (on CUDA, synchronised between stages)."""
+    def detect_timed(
+        self, images: list[np.ndarray], conf: float | None = None, keys: Sequence[str | None] | None = None
+    ) -> Detected:
+        """``detect``, and the seconds each stage took (on CUDA, synchronised between stages).
+
+        ``keys`` (each image's camera) is for the bench's null runtime; the model ignores it.
+        """
         return self._run(images, conf, timed=True)
 
     def _run(self, images: list[np.ndarray], conf: float | None, timed: bool) -> Detected:

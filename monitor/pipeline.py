@@ -23,7 +23,7 @@ import supervision as sv
 from monitor.alerts import Alert
 from monitor.camera import CameraPipeline, Tracked
 from monitor.classifier import Classification, Classifier
-from monitor.detector import Detector
+from monitor.detector import Detected
 from monitor.frames import Frame
 from monitor.metrics import Metrics
 
@@ -57,6 +57,14 @@ class StepObserver(Protocol):
         ...
 
 
+class Detects(Protocol):
+    """What the step needs of a detector: ``Detector``, or the bench's null runtime."""
+
+    def detect_timed(
+        self, images: list[np.ndarray], conf: float | None = None, keys: Sequence[str | None] | None = None
+    ) -> Detected: ...
+
+
 class PipelineStep:
     """Detect a batch, then track and judge each frame; alerts go to ``on_alerts``.
 
@@ -72,7 +80,7 @@ class PipelineStep:
 
     def __init__(
         self,
-        detector: Detector,
+        detector: Detects,
         cameras: Mapping[str, CameraPipeline],
         metrics: Metrics,
         floor: float,
@@ -110,7 +118,8 @@ class PipelineStep:
         """
         images = [f.image for f in frames] + list(pictures)
         floor = self.floor if conf is None else min(self.floor, conf)
-        detected = self.detector.detect_timed(images, conf=floor)
+        keys = [f.camera for f in frames] + [None] * len(pictures)
+        detected = self.detector.detect_timed(images, conf=floor, keys=keys)
         done = time.time()
         stage = self.metrics.stage_duration
         batch_stages = detected.timings.stages()

@@ -243,3 +243,60 @@ def test_synthetic_bench_goes_through_stand_in_decoders_and_reports_per_process_
     assert pipeline["delivered"] > 0
     assert 0 < pipeline["processed"] <= pipeline["delivered"]
     assert [s["delivered"] > 0 for s in pipeline["streams"]] == [True, True, True]
+
+
+def test_null_runtime_replays_the_models_detections_through_the_real_hand_off(weights, tmp_path, capsys):
+    """``--runtime null``: recorded detections of real people drive tracking and the rules, no inference."""
+    config = tmp_path / "bench.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(weights), "imgsz": IMGSZ, "device": "cpu", "labels": TEST_LABELS},
+                "detect": {"max_batch": 16},
+                "objects": {**PEOPLE, "max_disappeared": 0.5},
+            }
+        )
+    )
+    report = run_bench(
+        capsys,
+        "--config", str(config),
+        "--runtime", "null",
+        "--replay-detections", str(CLIP),
+        "--synthetic",
+        "--width", "640", "--height", "360",
+        "--streams", "3",
+        "--fps", "10",
+        "--duration", "6",
+        "--warmup", "1",
+    )  # fmt: skip
+    config_, pipeline, stages = report["config"], report["pipeline"], report["stages"]
+    assert (config_["runtime"], config_["replayed_from"], config_["mode"]) == ("null", str(CLIP), "synthetic")
+    # No inference ran in the window: the replayed detections cost only their scaling.
+    assert stages["inference"]["max"] == 0
+    assert stages["preprocess"]["max"] == 0
+    # ...and they are people walking: tracks were confirmed and ended by the real rules.
+    assert pipeline["events"]["new"] > 0
+    assert stages["tracking"]["count"] == pipeline["processed"]
+    # Through shared memory: the main process, the forkserver and one stand-in per stream,
+    # with CPU per processed frame reported for the main process and the children apart.
+    cpu = pipeline["cpu"]
+    assert cpu["processes"] >= 1 + 1 + 3, cpu
+    assert cpu["main_ms_per_frame"] > 0, cpu
+    assert cpu["decoders_ms_per_frame"] > 0, cpu
+    window_frames = pipeline["processed"]
+    assert cpu["main_ms_per_frame"] == pytest.approx(
+        1000 * cpu["main_cores_used"] * pipeline["window_s"] / window_frames
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--runtime", "null"], "the null runtime needs a video file"),
+        (["--replay-detections", str(CLIP)], "replay_detections: only with runtime null"),
+    ],
+)
+def test_null_runtime_options_are_checked(weights, capsys, args, problem):
+    code = main(["bench", "--model", str(weights), *args, "--json"])
+    assert code == 2
+    assert problem in capsys.readouterr().err

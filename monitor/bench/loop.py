@@ -19,7 +19,7 @@ from monitor.detector import Detector
 from monitor.frames import Frame
 from monitor.metrics import STAGES as METRIC_STAGES
 from monitor.metrics import Metrics
-from monitor.pipeline import PipelineStep
+from monitor.pipeline import Detects, PipelineStep
 from monitor.scheduler import Scheduler
 from monitor.settings import Settings
 from monitor.sources import Source
@@ -96,7 +96,9 @@ class BenchLoop:
         metrics: Metrics,
         recorder: Recorder,
         classifier: Classifier | None = None,
+        step_detector: Detects | None = None,
     ) -> None:
+        """``step_detector`` stands in for ``detector`` in the step (the null runtime)."""
         self.sources = sources
         self.detector = detector
         self.metrics = metrics
@@ -109,7 +111,7 @@ class BenchLoop:
         }
         # The daemon's own step; events are counted (by the recorder), not published.
         self.pipeline = PipelineStep(
-            detector,
+            step_detector or detector,
             self.cameras,
             metrics,
             settings.model.conf,

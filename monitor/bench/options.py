@@ -21,6 +21,9 @@ class BenchOptions:
         height: See ``width``.
         max_batch: ``detect.max_batch`` (default: the settings').
         decoder: Every file stream's ``decoder`` (``auto``, ``cpu``, ``nvdec``).
+        runtime: ``model`` (the detector), or ``null``: detections recorded from a real run of
+            the model on ``replay_detections`` are replayed per camera at no inference cost.
+        replay_detections: The clip the null runtime's detections are recorded from.
         record: File streams also record (``record.enabled``): the PyAV child, segments on disk.
         duration: Seconds measured.
         warmup: Seconds run before measuring (after every stream delivered a frame).
@@ -38,6 +41,8 @@ class BenchOptions:
     max_batch: int | None = None
     decoder: str = "auto"
     record: bool = False
+    runtime: str = "model"
+    replay_detections: Path | None = None
     duration: float = 30.0
     warmup: float = 5.0
     compare_naive: bool = False
@@ -57,6 +62,13 @@ class BenchOptions:
                 problems.append(f"{name}: must be >= 16, got {value}")
         if self.decoder not in ("auto", "cpu", "nvdec"):
             problems.append(f"decoder: must be auto, cpu or nvdec, got {self.decoder!r}")
+        if self.runtime not in ("model", "null"):
+            problems.append(f"runtime: must be model or null, got {self.runtime!r}")
+        clip = self.replay_detections
+        if self.runtime == "null" and (clip is None or not clip.is_file()):
+            problems.append(f"replay_detections: the null runtime needs a video file, got {clip}")
+        if self.runtime != "null" and self.replay_detections is not None:
+            problems.append("replay_detections: only with runtime null")
         if self.record and self.synthetic:
             problems.append("record: synthetic streams have nothing to record; use file streams")
         if self.max_batch is not None and self.max_batch < 1:

@@ -76,6 +76,8 @@ class BenchConfig:
     #: The classification model (file@sha256 prefix) run on crops of tracks, if one was.
     classifier: str | None = None
     classifier_imgsz: int | None = None
+    #: With the null runtime: the clip whose recorded detections were replayed.
+    replayed_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,10 @@ class CpuUsage:
     main_cores_used: float | None
     decoders_cores_used: float | None
     processes: int
+    #: CPU milliseconds per processed frame: the main process (the loop, tracking, alert rules
+    #: and, unless the runtime is null, inference) and the decoder children (or stand-ins).
+    main_ms_per_frame: float | None = None
+    decoders_ms_per_frame: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +222,9 @@ class BenchReport:
             f"config: {c.streams} {source}, {c.width}x{c.height} at {fps} fps each"
             + (f", decoder {c.decoder}" if c.mode == "file" else ""),
             f"  model {c.model}{' (random weights)' if c.random_init else ''} = {c.model_id}",
-            f"  imgsz {c.imgsz}, {c.device}, {c.runtime}, {'fp16' if c.half else 'fp32'}, "
+            f"  imgsz {c.imgsz}, {c.device}, "
+            f"{c.runtime if c.replayed_from is None else f'null (replays {c.replayed_from})'}, "
+            f"{'fp16' if c.half else 'fp32'}, "
             f"{c.torch_threads} torch threads, max_batch {c.max_batch}",
             *([f"  classifier {c.classifier} at imgsz {c.classifier_imgsz}"] if c.classifier else []),
             f"  {c.duration_s:g} s measured after {c.warmup_s:g} s of warm-up",
@@ -232,7 +240,9 @@ class BenchReport:
             *([f"  crops classified {p.crops_classified}"] if c.classifier else []),
             f"  CPU {_fmt(p.cpu.cores_used, '.2f')} cores ({_fmt(p.cpu.percent_of_machine, '.0f')} % of the "
             f"machine): main process {_fmt(p.cpu.main_cores_used, '.2f')}, decoders "
-            f"{_fmt(p.cpu.decoders_cores_used, '.2f')} ({p.cpu.processes} processes)",
+            f"{_fmt(p.cpu.decoders_cores_used, '.2f')} ({p.cpu.processes} processes); per frame: main "
+            f"{_fmt(p.cpu.main_ms_per_frame, '.3f')} ms, "
+            f"decoders {_fmt(p.cpu.decoders_ms_per_frame, '.3f')} ms",
         ]
         if m.gpu:
             lines.append(

@@ -8,7 +8,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from monitor.bench.loop import STAGES, BenchLoop, Recorder, sample_gpu
 from monitor.bench.machine import check_shared_memory, cpu_usage, loadavg, machine_info, process_tree_cpu
 from monitor.bench.naive import compare_naive
 from monitor.bench.options import BenchOptions
+from monitor.bench.replayed import ReplayedDetector, record_detections
 from monitor.bench.report import (
     BatchStats,
     BenchConfig,
@@ -115,6 +116,12 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         torch.set_num_threads(threads)
         if detector.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(detector.device)
+        replayed: ReplayedDetector | None = None
+        if options.runtime == "null":
+            assert options.replay_detections is not None  # BenchOptions checks it
+            fps = max(options.fps)
+            recorded = record_detections(detector, options.replay_detections, fps, settings.detect.max_batch)
+            replayed = ReplayedDetector(recorded)
         pool = synthetic_frames(*frame_size) if options.synthetic else []
         metrics = Metrics()
         recorder = Recorder()
@@ -150,7 +157,9 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
                 )
                 for name, camera in settings.cameras.items()
             ]
-            window, cpu = _run_window(settings, options, sources, detector, metrics, recorder, classifier)
+            window, cpu = _run_window(
+                settings, options, sources, detector, metrics, recorder, classifier, replayed
+            )
             states = {s.name: s.state.value for s in sources}
         pipeline = _pipeline_result(settings, metrics, recorder, window, cpu, states, detector)
         naive = None
@@ -173,7 +182,8 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         model_id=detector.label,
         imgsz=settings.model.imgsz,
         device=str(detector.device),
-        runtime=detector.runtime,
+        runtime=detector.runtime if replayed is None else "null",
+        replayed_from=str(options.replay_detections) if replayed is not None else None,
         torch_threads=threads,
         half=detector.half,
         max_batch=settings.detect.max_batch,
@@ -248,11 +258,12 @@ def _run_window(
     metrics: Metrics,
     recorder: Recorder,
     classifier: Classifier | None,
+    replayed: ReplayedDetector | None = None,
 ) -> tuple[_Window, CpuUsage]:
     """Wait for every stream's first frame, warm up, then measure for ``options.duration``."""
     from tqdm import tqdm
 
-    loop = BenchLoop(settings, sources, detector, metrics, recorder, classifier)
+    loop = BenchLoop(settings, sources, detector, metrics, recorder, classifier, replayed)
     names = [s.name for s in sources]
     deadline = time.monotonic() + STREAM_START_TIMEOUT
     while time.monotonic() < deadline:
@@ -298,6 +309,19 @@ def _run_window(
     recorder.on = False
     cpu = cpu_usage(cpu_start, process_tree_cpu(), seconds)
     return _Window(seconds, start_counts, _snapshot(metrics, names)), cpu
+
+
+def _per_frame(cpu: CpuUsage, seconds: float, processed: int) -> CpuUsage:
+    """``cpu`` with its main-process and decoder milliseconds per processed frame."""
+    if not processed:
+        return cpu
+
+    def ms(cores: float | None) -> float | None:
+        return None if cores is None else 1000 * cores * seconds / processed
+
+    return replace(
+        cpu, main_ms_per_frame=ms(cpu.main_cores_used), decoders_ms_per_frame=ms(cpu.decoders_cores_used)
+    )
 
 
 def _pipeline_result(
@@ -357,7 +381,7 @@ def _pipeline_result(
         ),
         events={t: recorder.events[t] for t in (*EVENT_TYPES, "suppressed")},
         crops_classified=recorder.crops,
-        cpu=cpu,
+        cpu=_per_frame(cpu, seconds, processed),
         gpu=gpu,
         streams=streams,
     )
