@@ -37,7 +37,7 @@ from monitor.clips import ClipError, cut_clip, enforce_retention, list_segments,
 from monitor.decoder import RecordingFailed, RecordTarget, SegmentClosed
 from monitor.events import Alert, Event
 from monitor.metrics import Metrics
-from monitor.recording import clips_dir, segments_dir
+from monitor.recording import clips_dir, failure_reason, segments_dir
 from monitor.settings import RecordSettings
 from monitor.visits import Review
 
@@ -98,6 +98,7 @@ class Recorder:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="monitor-clips", daemon=True)
         self._failing: dict[str, str] = {}
+        self._housekeeping_problem: dict[str, str] = {}  # per camera, the last one logged
 
     def __enter__(self) -> Recorder:
         self._thread.start()
@@ -125,10 +126,22 @@ class Recorder:
         directory = settings.path / name
         camera = _Camera(name, settings, directory)
         self._metrics.clips.labels(name)
-        for folder in (segments_dir(settings.path, name), clips_dir(settings.path, name), directory / "open"):
-            folder.mkdir(parents=True, exist_ok=True)
-        segments = repair(segments_dir(settings.path, name))  # what a killed child left behind
-        camera.latest_end = max((s.end for s in segments), default=0.0)
+        try:
+            for folder in (
+                segments_dir(settings.path, name),
+                clips_dir(settings.path, name),
+                directory / "open",
+            ):
+                folder.mkdir(parents=True, exist_ok=True)
+            segments = repair(segments_dir(settings.path, name))  # what a killed child left behind
+            camera.latest_end = max((s.end for s in segments), default=0.0)
+        except OSError as exc:  # a full or read-only disk: the camera runs, its clips fail, retried
+            logger.error(
+                "recording folder %s unusable: %s; detection and alerts go on",
+                directory,
+                exc.strerror or exc,
+                extra={"camera": name},
+            )
         with self._lock:
             self._cameras[name] = camera
         if recover:
@@ -330,10 +343,11 @@ class Recorder:
             cut_clip(segments, job.start, job.end, clips_dir(root, job.camera) / f"{clip_id}.mp4")
             update = {"clip": url, "clip_error": None}
             self._metrics.clips.labels(job.camera).inc()
-        except ClipError as exc:
-            update = {"clip": None, "clip_error": exc.reason}
-            self._metrics.clip_failures.labels(job.camera, exc.reason).inc()
-            logger.warning("no clip for %s: %s", clip_id, exc.reason, extra={"camera": job.camera})
+        except (ClipError, OSError) as exc:  # OSError: the folder itself is gone or unreadable
+            reason = exc.reason if isinstance(exc, ClipError) else failure_reason(exc, "recording unreadable")
+            update = {"clip": None, "clip_error": reason}
+            self._metrics.clip_failures.labels(job.camera, reason).inc()
+            logger.warning("no clip for %s: %s", clip_id, reason, extra={"camera": job.camera})
         except Exception:  # a bug must not cost the event: it goes out without its clip
             logger.exception("cutting the clip of %s failed", clip_id, extra={"camera": job.camera})
             update = {"clip": None, "clip_error": "internal error"}
@@ -382,9 +396,13 @@ class Recorder:
                 room = HEADROOM_PASSES * HOUSEKEEPING * camera.rate + (reserve or {}).get(camera.name, 0)
                 bound = max(0, int(s.retention.max_bytes - room))
                 result = enforce_retention(camera.directory, s.retention.days * 86400, bound, now)
-            except OSError as exc:
-                logger.warning("retention failed: %s", exc.strerror, extra={"camera": camera.name})
+            except OSError as exc:  # said once per problem, not every second
+                problem = failure_reason(exc, "recording folder unreadable")
+                if self._housekeeping_problem.get(camera.name) != problem:
+                    self._housekeeping_problem[camera.name] = problem
+                    logger.warning("retention cannot run: %s", problem, extra={"camera": camera.name})
                 continue
+            self._housekeeping_problem.pop(camera.name, None)
             if result.segments_deleted:
                 self._metrics.recording_segments_dropped.inc(result.segments_deleted)
             total += result.bytes

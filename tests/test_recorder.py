@@ -134,3 +134,19 @@ def test_after_a_crash_the_journal_ends_the_open_event_and_visit_with_clips(tmp_
     with Recorder(tmp_path, Metrics()) as again:
         again.add_camera(CAMERA, record_settings(tmp_path))
         assert again.finish() == []  # nothing ended twice
+
+
+def test_an_unusable_recording_folder_costs_the_clips_not_the_camera(tmp_path, caplog):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the recordings should go")
+    with Recorder(blocked, Metrics()) as recorder:
+        target = recorder.add_camera(CAMERA, record_settings(blocked))  # no exception: the camera starts
+        assert target.directory == str(segments_dir(blocked, CAMERA))
+        t0 = time.time() - 600
+        recorder.hold([Alert(event("end", t0, t0 + 4, t0 + 5), None, t0 + 5)])
+        ((item, _),) = wait_until(recorder.done, 10, "the failed clip")
+    assert "recording folder" in caplog.text
+    assert isinstance(item, Alert)
+    assert item.event.clip is None
+    assert item.event.clip_error == "recording folder missing"
+    assert "Traceback" not in caplog.text
