@@ -28,13 +28,14 @@ import secrets
 import signal
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Literal
 
 import numpy as np
 
+from monitor.decoder_nvdec import NvdecCapture
 from monitor.logs import redact
 from monitor.settings import CameraSettings
 
@@ -118,20 +119,23 @@ def frame_bytes(settings: CameraSettings) -> int:
     return width * height * 3
 
 
-def decoder_main(
+#: The body of a decoder child: (the stream's URL, its slots, the stderr reader) -> exit code.
+ChildBody = Callable[[str, "Slots", "_StderrReasons"], int]
+
+
+def run_child(
     settings: CameraSettings,
-    fps: float,
     shm_name: str,
     slot_bytes: int,
     latest_seq: Any,
     conn: mpc.Connection,
-    decoder: Decoder = "cpu",
-    record: RecordTarget | None = None,
+    body: ChildBody,
 ) -> None:
-    """Entry point of a decoder child. Exits non-zero with a ``Failed`` message.
+    """What every decoder child does around its loop; exits non-zero with a ``Failed`` message.
 
-    A recording camera (``record``) is read with PyAV (``monitor.decoder_av``), which
-    demuxes once for both the segments and the frames; the others with OpenCV.
+    The OpenCV child (``decoder_main``) and a recording camera's PyAV child
+    (``monitor.decoder_av.record_main``) share it: signals, FFmpeg's captured
+    output, the shared memory, and a failure reported without the URL.
     """
     # Ctrl-C reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -141,24 +145,35 @@ def decoder_main(
     os.environ["OPENCV_FFMPEG_DEBUG"] = "1"
     os.environ["OPENCV_LOG_LEVEL"] = "WARNING"
     os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = FFMPEG_OPTIONS
-    import cv2  # imported here: the parent's import of this module stays light
-
     url = settings.url.get_secret_value()
     shm = SharedMemory(name=shm_name)
     try:
-        if record is not None:
-            from monitor.decoder_av import record_loop
-
-            slots = Slots(shm, slot_bytes, latest_seq, conn)
-            code = record_loop(settings, url, fps, slots, conn, reasons, record)
-        else:
-            code = _decode_loop(cv2, settings, url, fps, shm, slot_bytes, latest_seq, conn, reasons, decoder)
+        code = body(url, Slots(shm, slot_bytes, latest_seq, conn), reasons)
     except Exception as exc:  # report, never print a traceback with the URL
         conn.send(Failed(redact(f"decoder error: {exc}")))
         code = 70
     finally:
         shm.close()
     os._exit(code)
+
+
+def decoder_main(
+    settings: CameraSettings,
+    fps: float,
+    shm_name: str,
+    slot_bytes: int,
+    latest_seq: Any,
+    conn: mpc.Connection,
+    decoder: Decoder = "cpu",
+) -> None:
+    """Entry point of a decoder child reading with OpenCV (or NVDEC)."""
+
+    def body(url: str, slots: Slots, reasons: _StderrReasons) -> int:
+        import cv2  # imported here: the parent's import of this module stays light
+
+        return _decode_loop(cv2, settings, url, fps, slots, conn, reasons, decoder)
+
+    run_child(settings, shm_name, slot_bytes, latest_seq, conn, body)
 
 
 #: FFmpeg messages (seen through OpenCV) and the reason they give, first match wins.
@@ -259,65 +274,6 @@ class _StderrReasons:
 _STDERR_SYNC_TIMEOUT = 1.0
 
 
-class _NvdecCapture:
-    """NVDEC through PyNvVideoCodec, behind the part of ``cv2.VideoCapture`` the loop uses.
-
-    PyNvVideoCodec's demuxer (its own FFmpeg) reads the stream, the GPU's video
-    decoder decodes it into host memory as NV12, and ``retrieve`` converts that
-    to BGR with OpenCV, so everything after the decoder is the same as on the CPU.
-    The open and read timeouts are the parent's watchdog (``open_timeout``,
-    ``stall_timeout``): this child is killed when either runs out.
-
-    Raises:
-        Exception: Whatever PyNvVideoCodec raises when it cannot open or decode the
-            stream (no GPU, an unsupported codec); the caller falls back to the CPU.
-    """
-
-    def __init__(self, cv2: Any, url: str, gpu: int = 0) -> None:
-        import PyNvVideoCodec as nvc
-
-        self._cv2 = cv2
-        self._demuxer = nvc.CreateDemuxer(filename=url)
-        self._decoder = nvc.CreateDecoder(
-            gpuid=gpu, codec=self._demuxer.GetNvCodecId(), usedevicememory=False
-        )
-        self._packets = iter(self._demuxer)
-        self._pending: deque[Any] = deque()
-        self._frame: Any = None
-        self._fps = float(self._demuxer.FrameRate())
-
-    def isOpened(self) -> bool:  # cv2.VideoCapture's name
-        return True
-
-    def get(self, prop: int) -> float:
-        return self._fps if prop == self._cv2.CAP_PROP_FPS else 0.0
-
-    def grab(self) -> bool:
-        while not self._pending:
-            packet = next(self._packets, None)
-            if packet is None:
-                return False
-            self._pending.extend(self._decoder.Decode(packet))
-        self._frame = self._pending.popleft()
-        return True
-
-    def retrieve(self) -> tuple[bool, np.ndarray | None]:
-        frame, self._frame = self._frame, None
-        if frame is None:
-            return False, None
-        width, height = int(self._decoder.GetWidth()), int(self._decoder.GetHeight())
-        size = int(frame.framesize())
-        if size != width * height * 3 // 2:  # not 8-bit 4:2:0 (NV12)
-            return False, None
-        address = ctypes.cast(frame.GetPtrToPlane(0), ctypes.POINTER(ctypes.c_uint8))
-        nv12 = np.ctypeslib.as_array(address, shape=(size,)).reshape(height * 3 // 2, width)
-        return True, self._cv2.cvtColor(nv12, self._cv2.COLOR_YUV2BGR_NV12)
-
-    def release(self) -> None:
-        self._pending.clear()
-        self._frame = self._decoder = self._demuxer = self._packets = None
-
-
 class Slots:
     """The child's side of the hand-off: each frame into the next slot, then ``FrameReady``."""
 
@@ -352,7 +308,7 @@ def _open_with(
     """
     if decoder == "nvdec":
         try:
-            return _NvdecCapture(cv2, url), "nvdec", None
+            return NvdecCapture(cv2, url), "nvdec", None
         except Exception as exc:  # no GPU, no NVDEC for this codec, a stream it cannot read
             fallback = redact(f"nvdec cannot decode this stream ({type(exc).__name__}: {exc})")
             return _open(cv2, settings, url), "cpu", fallback
@@ -381,9 +337,7 @@ def _decode_loop(
     settings: CameraSettings,
     url: str,
     fps: float,
-    shm: SharedMemory,
-    slot_bytes: int,
-    latest_seq: Any,
+    slots: Slots,
     conn: mpc.Connection,
     reasons: _StderrReasons,
     decoder: Decoder = "cpu",
@@ -401,7 +355,6 @@ def _decode_loop(
     native_fps = native_fps if 0 < native_fps < 1000 else 25.0
     period = 1.0 / fps
     next_due = 0.0
-    slots = Slots(shm, slot_bytes, latest_seq, conn)
     played = 0  # frames of the file played in this loop (real-time pacing)
     play_start = time.monotonic()
     opened = False

@@ -31,6 +31,7 @@ from monitor.decoder import (
     Slots,
     _StderrReasons,
     classify,
+    run_child,
     stall_reason,
     target_size,
 )
@@ -76,6 +77,23 @@ def _video(container: Any) -> Any:
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = DECODE_THREADS
     return stream
+
+
+def record_main(
+    settings: CameraSettings,
+    fps: float,
+    shm_name: str,
+    slot_bytes: int,
+    latest_seq: Any,
+    conn: mpc.Connection,
+    record: RecordTarget,
+) -> None:
+    """Entry point of a recording camera's decoder child."""
+
+    def body(url: str, slots: Slots, reasons: _StderrReasons) -> int:
+        return record_loop(settings, url, fps, slots, conn, reasons, record)
+
+    run_child(settings, shm_name, slot_bytes, latest_seq, conn, body)
 
 
 def record_loop(

@@ -40,6 +40,7 @@ from monitor.decoder import (
     frame_bytes,
     stall_reason,
 )
+from monitor.decoder_av import record_main
 from monitor.frames import CameraState, CameraStatus, Frame
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
@@ -61,7 +62,7 @@ KILL_GRACE = 1.0
 # of CPU instead of a fresh interpreter's imports. That keeps a flapping camera
 # with a short backoff from eating the CPU of the healthy ones.
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["monitor.decoder", "cv2", "numpy"])
+_CTX.set_forkserver_preload(["monitor.decoder", "monitor.decoder_av", "cv2", "numpy"])
 
 
 def choose_decoder(camera: str, choice: str) -> Decoder:
@@ -225,10 +226,17 @@ class Source:
                 args=(self._feed, self.fps, *handoff),
                 daemon=True,
             )
+        if self._record is not None:  # one demux for the segments and the frames
+            return _CTX.Process(
+                target=record_main,
+                name=f"monitor-recorder-{self.name}",
+                args=(self.settings, self.fps, *handoff, self._record),
+                daemon=True,
+            )
         return _CTX.Process(
             target=decoder_main,
             name=f"monitor-decoder-{self.name}",
-            args=(self.settings, self.fps, *handoff, self._decoder, self._record),
+            args=(self.settings, self.fps, *handoff, self._decoder),
             daemon=True,
         )
 
