@@ -354,7 +354,9 @@ class Recorder:
             self._metrics.clip_failures.labels(job.camera, "internal error").inc()
         item: Item
         if isinstance(job.item, Alert):
-            item = replace(job.item, event=job.item.event.model_copy(update=update))
+            # The wait for the recording is on purpose: the latency metric counts from here.
+            event = job.item.event.model_copy(update=update)
+            item = replace(job.item, event=event, capture_time=time.time())
         else:
             item = job.item.model_copy(update=update)
         with self._lock:
