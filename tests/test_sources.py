@@ -395,3 +395,57 @@ def test_nvdec_that_cannot_open_falls_back_to_the_cpu_with_a_redacted_reason(mon
         )
     finally:
         cap.release()
+
+
+class _SlowCopy(np.ndarray):
+    """A slot view whose copy stalls halfway every other time, as a preempted main process would."""
+
+    calls = 0
+
+    def copy(self, order="C"):  # type: ignore[override]
+        data = np.asarray(self)
+        out = np.empty_like(data)
+        half = data.shape[0] // 2
+        out[:half] = data[:half]
+        _SlowCopy.calls += 1
+        if _SlowCopy.calls % 2:
+            time.sleep(0.025)  # the child (5 ms a frame) delivers five meanwhile: it rewrites this slot
+        out[half:] = data[half:]
+        return out
+
+
+def test_no_frame_is_handed_over_torn_or_twice_while_the_child_laps_the_copy(monkeypatch):
+    """The newest-frame hand-off under a child faster than the copy: intact frames, in order, once."""
+    from monitor import sources as sources_module
+    from monitor.synthetic import SyntheticFeed, synthetic_frames
+
+    views = types.SimpleNamespace(ndarray=lambda *a, **k: np.ndarray(*a, **k).view(_SlowCopy), uint8=np.uint8)
+    monkeypatch.setattr(sources_module, "np", views)
+    width, height = 320, 240
+    expected = synthetic_frames(width, height, seed=3)  # what the stand-in child writes, in turn
+    metrics = Metrics()
+    settings = CameraSettings(url="synthetic", detect={"width": width, "height": height})
+    taken, lapped = [], 0
+    with Source(
+        "race", settings, fps=200, metrics=metrics, feed=SyntheticFeed(width, height, seed=3)
+    ) as source:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline or not taken:
+            source.drain()
+            if not source.has_new_frame():
+                mpc.wait([source.connection], timeout=0.1) if source.connection is not None else None
+                continue
+            frame = source.take()
+            if frame is None:
+                lapped += 1  # the child overwrote the slot while it was copied: refused, not torn
+                continue
+            taken.append(frame)
+    dropped = metrics.registry.get_sample_value("monitor_camera_frames_dropped_total", {"camera": "race"})
+    for frame in taken:  # each one exactly the frame of its sequence number, never a mix of two
+        assert np.array_equal(frame.image, expected[frame.seq % len(expected)]), frame.seq
+    assert lapped > 0, "the child never lapped the copy: the race was not exercised"
+    seqs = [f.seq for f in taken]
+    assert seqs == sorted(set(seqs)), "a frame was handed over twice or out of order"
+    assert len(taken) >= 10, "the copy was lapped every time: nothing to check"
+    # Every frame from the first taken to the last was either handed over or counted as dropped.
+    assert len(taken) + dropped == taken[-1].seq - taken[0].seq + 1
