@@ -47,7 +47,6 @@ class Dispatcher:
         self._snapshots = snapshots
         self._recorder = recorder
         self._visits: dict[str, Visits] = {}
-        self._last: dict[str, float] = {}  # per camera: the latest capture time an event reported
         self._recovered: set[str] = set()
 
     def add_camera(self, name: str, settings: Settings) -> RecordTarget | None:
@@ -91,9 +90,6 @@ class Dispatcher:
                 event.track_id,
                 extra={"camera": event.camera},
             )
-            self._last[event.camera] = max(
-                self._last.get(event.camera, 0.0), event.end_time or event.frame_time
-            )
             visits = self._visits.get(event.camera)
             if visits is not None:
                 reviews += visits.add(event)
@@ -102,8 +98,8 @@ class Dispatcher:
         for camera in {a.event.camera for a in alerts}:
             visits = self._visits.get(camera)
             visit = visits.open if visits is not None else None
-            if visit is not None:  # the journal follows the visit's latest sighting
-                self._recorder.hold_review(visit, self._last.get(camera, visit.start_time))
+            if visit is not None:  # the journal follows the visit (its end_time: the latest sighting)
+                self._recorder.hold_review(visit)
 
     def tick(self, now: float | None = None) -> None:
         """End visits after their gap; send what the recorder finished."""
@@ -122,12 +118,8 @@ class Dispatcher:
 
     # -- internals -------------------------------------------------------------
     def _reviews(self, reviews: list[Review]) -> None:
-        now: list[Review] = []
-        for review in reviews:
-            held = self._recorder.hold_review(review, self._last.get(review.camera, review.start_time))
-            if not held or review.type != "end":
-                now.append(review)
-        self._send_reviews(now)
+        """Send visits; a recording camera's visit ends wait for their clip."""
+        self._send_reviews([r for r in reviews if r.type != "end" or not self._recorder.hold_review(r)])
 
     def _finished(self, done: list[tuple[Alert | Review, list[str]]]) -> None:
         if not done:

@@ -156,9 +156,6 @@ class Recorder:
                 self._jobs = [replace(j, deadline=0.0) if j.camera == name else j for j in self._jobs]
                 self._lock.notify_all()
 
-    def records(self, name: str) -> bool:
-        return name in self._cameras
-
     # -- messages from the decoder children (the loop's thread) ----------------
     def on_recording(self, name: str, message: SegmentClosed | RecordingFailed) -> None:
         camera = self._cameras.get(name)
@@ -199,13 +196,15 @@ class Recorder:
                 now.append(alert)
         return now
 
-    def hold_review(self, review: Review, last: float) -> bool:
-        """Journal a visit of a recording camera, or hold back its end for its clip; False: not recording."""
+    def hold_review(self, review: Review) -> bool:
+        """Journal a recording camera's open visit (``Visits.open``: its ``end_time`` is its latest
+        sighting), or hold back its end for its clip; False: the camera does not record."""
         camera = self._cameras.get(review.camera)
         if camera is None:
             return False
+        last = review.end_time or review.start_time
         if review.type == "end":
-            self._add_job(camera, review, review.start_time, review.end_time or last)
+            self._add_job(camera, review, review.start_time, last)
             return True
         self._journal(camera, review.visit_id, "review", review.model_dump_json(), last)
         return False

@@ -5,8 +5,8 @@ consumer that wants one notification per visit subscribes to
 ``<prefix>/reviews`` instead of ``<prefix>/events``. ``Visits`` is stepped with
 the events the daemon publishes, in their order (new, update..., end per
 track), and returns the ``Review`` messages to publish. It does no I/O: the
-daemon publishes the reviews and journals ``Visits.open`` so that
-``Visits.resume`` can end a visit that a crash left open.
+daemon publishes the reviews and journals ``Visits.open`` so that a restart
+can end a visit that a crash left open (``monitor.recorder``).
 
 A visit's labels, zones and severity only grow: a review never takes back what
 an earlier one of the same visit said.
@@ -137,35 +137,11 @@ class Visits:
         """The open visit as an ``update`` for the daemon's journal, else None.
 
         Unlike a published ``update``, its ``end_time`` is the latest capture
-        time known of its events, so that ``resume`` can end it there.
+        time known of its events, so that a restart can end it there.
         """
         if self._visit is None:
             return None
         return self._visit.review("update", self.camera, end_time=self._visit.latest)
-
-    @classmethod
-    def resume(cls, camera: str, rules: Sequence[AlertRule], gap: float, review: Review) -> Visits:
-        """A tracker whose open visit is the journaled ``review``, after a crash or restart.
-
-        Its events count as ended at the review's latest known time (its
-        ``end_time``, else its ``start_time``), so the next ``expire`` or
-        ``close`` ends the visit; ids in it are known and ended, so a stray
-        update for one is ignored. Per-event scores are not journaled: the
-        journaled snapshot stays unless a new event with a snapshot joins.
-        """
-        visits = cls(camera, rules, gap)
-        if review.camera != camera:
-            raise ValueError(f"review: expected a visit on camera {camera!r}, got one on {review.camera!r}")
-        latest = max(review.start_time, review.end_time or review.start_time)
-        visit = _Visit(review.visit_id, review.severity, set(review.labels), set(review.zones))
-        visit.instance = review.instance
-        for eid in review.event_ids:
-            # Only the visit's start is journaled; equal starts keep the journaled order.
-            shot = review.snapshot == snapshot_path(eid)
-            visit.events[eid] = _Seen(review.start_time, latest, True, -math.inf, has_snapshot=shot)
-        if visit.events:
-            visits._visit = visit
-        return visits
 
     def add(self, event: Event) -> list[Review]:
         """Step with one published event; return the reviews to publish (oldest first).

@@ -112,7 +112,7 @@ def test_after_a_crash_the_journal_ends_the_open_event_and_visit_with_clips(tmp_
     with Recorder(tmp_path, Metrics()) as crashed:
         crashed.add_camera(CAMERA, record_settings(tmp_path))
         crashed.hold([Alert(new, None, start), Alert(update, None, t0 + 10)])
-        crashed.hold_review(visit, t0 + 10)
+        crashed.hold_review(visits.open)  # as the dispatcher journals it
         record(crashed, tmp_path, t0, 20)
     # ... killed here: nothing was ended. The next start finds the journal.
     with Recorder(tmp_path, Metrics()) as restarted:

@@ -185,24 +185,6 @@ def test_close_ends_the_open_visit_at_its_last_known_time():
     assert visits.add(ev("end", "p1", start=0, at=13)) == []  # its visit is over
 
 
-@pytest.mark.parametrize("ending", ["expire", "close"])
-def test_resume_after_a_restart_ends_the_journaled_visit(ending):
-    before = Visits("gate", RULES, GAP)
-    [new] = before.add(ev("new", "p1", start=0))
-    before.add(ev("new", "d1", "deer", start=3, at=9, zones=("waterhole",)))
-    journal = before.open
-    assert journal is not None
-    journal = Review.model_validate_json(journal.model_dump_json())  # through the journal file
-    after = Visits.resume("gate", RULES, GAP, journal)
-    assert after.add(ev("end", "p1", start=0, at=20)) == []  # the old tracker's ids are over
-    assert after.expire(now=9 + GAP - 1) == []
-    [end] = after.expire(now=9 + GAP) if ending == "expire" else after.close()
-    assert (end.type, end.visit_id, end.event_ids) == ("end", new.visit_id, ["p1", "d1"])
-    assert (end.labels, end.zones, end.severity) == (["deer", "person"], ["waterhole"], "alert")
-    assert (end.start_time, end.end_time, end.snapshot) == (0, 9, journal.snapshot)
-    assert after.open is None
-
-
 @pytest.mark.parametrize("kind", ["update", "end"])
 @pytest.mark.parametrize("with_visit", [False, True])
 def test_unknown_event_ids_are_ignored(kind, with_visit):
