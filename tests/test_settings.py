@@ -153,3 +153,47 @@ def test_example_config_tracks_people_and_wildlife_by_default():
     missing = [label for label in ["person", *COCO_ANIMALS, *SEED_WILDLIFE] if label not in tracked]
     assert missing == []
     assert "other" not in {settings.objects.category_of(label) for label in tracked}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("record: {pre_capture: soon}\n", "record.pre_capture (line 2): Value error, expected a duration"),
+        ("record: {segment: 0.5s}\n", "record.segment (line 2): Input should be greater than or equal to 1"),
+        ("record: {retention: {max_bytes: lots}}\n", "record.retention.max_bytes (line 2)"),
+        ("record: {retention: {max_bytes: 10kB}}\n", "record.retention.max_bytes (line 2)"),
+        ("record: {keep: forever}\n", "record.keep (line 2): unknown key"),
+        ("visits: {gap: -1}\n", "visits.gap (line 2): Input should be greater than 0"),
+        ("cameras: {a: {url: x.mp4, record: sometimes}}\n", "cameras.a.record (line 2)"),
+        (
+            "cameras: {a: {url: x.mp4, alerts: [{labels: [person], zones: [porch]}]}}\n",
+            "alerts zones ['porch'] are not defined in zones []",
+        ),
+        ("cameras: {a: {url: x.mp4, alerts: [{labels: ['per+son']}]}}\n", "cameras.a.alerts.0.labels.0"),
+    ],
+)
+def test_a_mangled_record_visits_or_alerts_section_is_reported_by_path(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, "model: {path: m.pt}\n" + text))
+    assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+def test_record_settings_merge_camera_overrides_into_the_global_section(tmp_path):
+    text = (
+        "model: {path: m.pt}\n"
+        "record: {pre_capture: 3s, retention: {max_bytes: 2GB}}\n"
+        "cameras:\n"
+        "  gate: {url: a.mp4, record: true}\n"
+        "  yard:\n"
+        "    url: b.mp4\n"
+        "    record: {enabled: true, post_capture: 1m, retention: {days: 1, max_bytes: 500MiB}}\n"
+        "  barn: {url: c.mp4}\n"
+    )
+    settings = load_settings(write(tmp_path, text))
+    gate, yard = settings.record_for("gate"), settings.record_for("yard")
+    assert settings.record_for("barn") is None  # recording is off by default
+    assert gate is not None
+    assert (gate.pre_capture, gate.post_capture, int(gate.retention.max_bytes)) == (3, 5, 2_000_000_000)
+    assert yard is not None
+    assert (yard.pre_capture, yard.post_capture, yard.retention.days) == (3, 60, 1)
+    assert int(yard.retention.max_bytes) == 500 * 2**20
