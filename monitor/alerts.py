@@ -299,7 +299,7 @@ class AlertRules:
         if good:
             track.top_score = max(track.top_score, score)
         if score > track.best_score:
-            track.best_score, track.best_box, track.best_image = score, box, frame.image
+            track.best_score, track.best_box, track.best_image = score, box, frame.keep_image()
         if _iou(track.rest_box, box) < self.objects.stationary_iou:
             track.rest_box, track.still_since, track.stationary = box, now, False
         elif now - track.still_since >= self.objects.stationary_after:

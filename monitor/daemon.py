@@ -155,6 +155,7 @@ class Daemon:
             app = create_app(self.metrics, self.health, settings.http)
             stack.enter_context(HttpServer(settings.http, app))
             detector = Detector(settings.model, settings.detect.max_batch)
+            self._net = detector.net_input
             logger.info("warm-up took %.2f s", detector.warmup())
             classifier = load_classifier(settings)
             # Read at scrape time, under systemd or not.
@@ -219,6 +220,7 @@ class Daemon:
             publisher.publish_status,
             record=record,
             on_recording=self._recorder.on_recording,
+            net=self._net,
         )
         self.sources[name] = source.__enter__()
 

@@ -10,7 +10,9 @@ process that the parent (``sources.Source``) can kill and restart. The child:
 * decodes every frame but converts and scales only the ones due at the
   camera's detect fps (``grab`` for all, ``retrieve`` for those);
 * writes each due frame into one of ``SLOTS`` slots of a shared-memory block
-  the parent owns, then sends a small ``FrameReady`` message on a pipe;
+  the parent owns, with the frame letterboxed into the network's input beside
+  it (``monitor.letterbox``), then sends a small ``FrameReady`` message on a
+  pipe; it never writes into the slot the parent holds (``Slots``);
 * when it gives up, sends ``Failed`` with a fixed phrase: FFmpeg's own
   messages (which may hold the URL's credentials) never leave the process.
 
@@ -36,10 +38,13 @@ from typing import Any, Literal
 import numpy as np
 
 from monitor.decoder_nvdec import NvdecCapture
+from monitor.letterbox import NetInput, Placement, letterbox_into
 from monitor.logs import redact
 from monitor.settings import CameraSettings
 
-SLOTS = 3
+#: Slots per camera: the newest frame, the one the parent holds, and two for the child to
+#: choose from (one of them may be the one the parent is about to hold; see ``Slots``).
+SLOTS = 4
 #: Frames larger than this (pixels) are scaled down, keeping their aspect.
 MAX_NATIVE = (1920, 1080)
 #: FFmpeg input options: RTSP over TCP (no UDP loss), and at most 1 s of stream
@@ -113,24 +118,60 @@ def stall_reason(settings: CameraSettings) -> str:
 
 
 def frame_bytes(settings: CameraSettings) -> int:
-    """Bytes of one slot: the configured detect size, else the native cap."""
+    """Bytes of one frame: the configured detect size, else the native cap."""
     width = settings.detect.width or MAX_NATIVE[0]
     height = settings.detect.height or MAX_NATIVE[1]
     return width * height * 3
+
+
+def slot_bytes(settings: CameraSettings, net: NetInput | None) -> int:
+    """Bytes of one slot: the frame, then its letterbox (when the children make it)."""
+    return frame_bytes(settings) + (net.max_bytes if net is not None else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """One camera's shared memory, as the parent made it for its decoder children.
+
+    Attributes:
+        shm_name: The block of ``SLOTS`` slots.
+        frame_bytes: Bytes of a slot's frame part; its letterbox follows.
+        net: The network input the child letterboxes each frame into (None: it does not).
+        latest_seq: ``RawValue('q')``: the newest frame's sequence number the child published.
+        lease: ``RawValue('q')``: the slot the parent holds (-1: none); the child never writes it.
+    """
+
+    shm_name: str
+    frame_bytes: int
+    net: NetInput | None
+    latest_seq: Any
+    lease: Any
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.frame_bytes + (self.net.max_bytes if self.net is not None else 0)
+
+
+_FENCE = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier: a store before it is seen by the other process before a load after it.
+
+    The slot hand-off is a Dekker pattern (each side stores, then loads what the
+    other stored: the child its newest sequence number then the lease, the parent
+    the lease then the newest number), and x86 lets a load pass an earlier store.
+    Python has no fence; taking a lock does one (its atomic read-modify-write).
+    """
+    with _FENCE:
+        pass
 
 
 #: The body of a decoder child: (the stream's URL, its slots, the stderr reader) -> exit code.
 ChildBody = Callable[[str, "Slots", "_StderrReasons"], int]
 
 
-def run_child(
-    settings: CameraSettings,
-    shm_name: str,
-    slot_bytes: int,
-    latest_seq: Any,
-    conn: mpc.Connection,
-    body: ChildBody,
-) -> None:
+def run_child(settings: CameraSettings, handoff: Handoff, conn: mpc.Connection, body: ChildBody) -> None:
     """What every decoder child does around its loop; exits non-zero with a ``Failed`` message.
 
     The OpenCV child (``decoder_main``) and a recording camera's PyAV child
@@ -146,9 +187,9 @@ def run_child(
     os.environ["OPENCV_LOG_LEVEL"] = "WARNING"
     os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = FFMPEG_OPTIONS
     url = settings.url.get_secret_value()
-    shm = SharedMemory(name=shm_name)
+    shm = SharedMemory(name=handoff.shm_name)
     try:
-        code = body(url, Slots(shm, slot_bytes, latest_seq, conn), reasons)
+        code = body(url, Slots(shm, handoff, conn), reasons)
     except Exception as exc:  # report, never print a traceback with the URL
         conn.send(Failed(redact(f"decoder error: {exc}")))
         code = 70
@@ -158,13 +199,7 @@ def run_child(
 
 
 def decoder_main(
-    settings: CameraSettings,
-    fps: float,
-    shm_name: str,
-    slot_bytes: int,
-    latest_seq: Any,
-    conn: mpc.Connection,
-    decoder: Decoder = "cpu",
+    settings: CameraSettings, fps: float, handoff: Handoff, conn: mpc.Connection, decoder: Decoder = "cpu"
 ) -> None:
     """Entry point of a decoder child reading with OpenCV (or NVDEC)."""
 
@@ -173,7 +208,7 @@ def decoder_main(
 
         return _decode_loop(cv2, settings, url, fps, slots, conn, reasons, decoder)
 
-    run_child(settings, shm_name, slot_bytes, latest_seq, conn, body)
+    run_child(settings, handoff, conn, body)
 
 
 #: FFmpeg messages (seen through OpenCV) and the reason they give, first match wins.
@@ -275,25 +310,57 @@ _STDERR_SYNC_TIMEOUT = 1.0
 
 
 class Slots:
-    """The child's side of the hand-off: each frame into the next slot, then ``FrameReady``."""
+    """The child's side of the hand-off: each frame into a free slot, then ``FrameReady``.
 
-    def __init__(self, shm: SharedMemory, slot_bytes: int, latest_seq: Any, conn: mpc.Connection) -> None:
+    A slot is free unless it holds the newest frame published (the parent may be
+    about to take it) or is the one the parent holds (``Handoff.lease``); of the
+    free ones, the one written longest ago is used. The parent holds a frame only
+    if, after storing its lease, the newest published frame is at most ``SLOTS - 3``
+    newer (``Source.take``): a frame written meanwhile, under the old lease, went
+    into an older slot than the held frame's, and every later one sees the lease.
+    So a held frame's slot is never written while the parent reads it, with no
+    lock a killed child could leave taken.
+    """
+
+    def __init__(self, shm: SharedMemory, handoff: Handoff, conn: mpc.Connection) -> None:
         self._shm = shm
-        self._slot_bytes = slot_bytes
-        self._latest_seq = latest_seq
+        self._handoff = handoff
+        self._slot_bytes = handoff.slot_bytes
         self._conn = conn
+        self._written = [-1] * SLOTS  # the sequence number in each slot (-1: none of this child's)
+        self._newest = -1  # the slot of the newest frame published
+        self._placements: dict[tuple[int, int], Placement] = {}
         self.seq = 0
 
+    def _free_slot(self) -> int:
+        held = self._handoff.lease.value
+        free = [s for s in range(SLOTS) if s not in (self._newest, held)]
+        return min(free, key=self._written.__getitem__)
+
     def publish(self, image: np.ndarray) -> None:
-        """Copy ``image`` (BGR, at most the slot's size) into the next slot and announce it."""
+        """Copy ``image`` (BGR, at most the frame's size) and its letterbox into a free slot; announce it."""
         seq = self.seq
         out_h, out_w = image.shape[:2]
-        slot = seq % SLOTS
-        dest = np.ndarray((out_h, out_w, 3), np.uint8, self._shm.buf, slot * self._slot_bytes)
+        slot = self._free_slot()
+        start = slot * self._slot_bytes
+        dest = np.ndarray((out_h, out_w, 3), np.uint8, self._shm.buf, start)
         np.copyto(dest, image)
         del dest
+        net = self._handoff.net
+        if net is not None:
+            p = self._placements.get((out_h, out_w))
+            if p is None:
+                p = self._placements[(out_h, out_w)] = net.place(out_h, out_w)
+            box = np.ndarray(
+                (p.input_height, p.input_width, 3), np.uint8, self._shm.buf, start + self._handoff.frame_bytes
+            )
+            letterbox_into(image, box, p)
+            del box
         capture_time = time.time()
-        self._latest_seq.value = seq
+        self._written[slot], self._newest = seq, slot
+        fence()  # the pixels before the number
+        self._handoff.latest_seq.value = seq
+        fence()  # the number before the next frame's look at the lease
         self._conn.send(FrameReady(seq, slot, capture_time, out_h, out_w))
         self.seq = seq + 1
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from monitor.decoder import (
     Failed,
+    Handoff,
     Opened,
     Opening,
     RecordingFailed,
@@ -80,20 +81,14 @@ def _video(container: Any) -> Any:
 
 
 def record_main(
-    settings: CameraSettings,
-    fps: float,
-    shm_name: str,
-    slot_bytes: int,
-    latest_seq: Any,
-    conn: mpc.Connection,
-    record: RecordTarget,
+    settings: CameraSettings, fps: float, handoff: Handoff, conn: mpc.Connection, record: RecordTarget
 ) -> None:
     """Entry point of a recording camera's decoder child."""
 
     def body(url: str, slots: Slots, reasons: _StderrReasons) -> int:
         return record_loop(settings, url, fps, slots, conn, reasons, record)
 
-    run_child(settings, shm_name, slot_bytes, latest_seq, conn, body)
+    run_child(settings, handoff, conn, body)
 
 
 def record_loop(

@@ -4,8 +4,11 @@ Weights load through Ultralytics' ``AutoBackend``, so ``.pt`` and exported
 formats (ONNX, OpenVINO, TensorRT) work the same. Everything around the
 network happens in torch on the model's device instead of per image in numpy:
 
-* uint8 frames go to the device as they are, then are flipped to RGB,
-  resized and padded (letterbox) there; fp16 on CUDA;
+* a camera's frame arrives letterboxed by its decoder child (``Frame.net``,
+  checked against this detector's own geometry), so its full-resolution
+  pixels are never read here; other images are letterboxed here (cv2 on the
+  CPU; on CUDA uint8 goes to the device as it is, then is flipped to RGB,
+  resized and padded there); fp16 on CUDA;
 * frames of one shape get Ultralytics' minimal rectangle (e.g. 256x320 for
   4:3 at imgsz 320), mixed shapes share the largest rectangle of the batch;
 * NMS runs batched on the device (Ultralytics' ``non_max_suppression``);
@@ -30,39 +33,18 @@ import torch
 import torch.nn.functional as F
 
 from monitor.errors import DetectorError
+from monitor.letterbox import PAD_VALUE, Letterboxed, NetInput, Placement, place
 from monitor.runtime import choose_runtime, exported_model, model_task, resolve_device, sha256_of
 from monitor.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
 
-PAD_VALUE = 114  # Ultralytics' letterbox grey
 #: Batch sizes compiled ahead with ``model.compile``; a batch is padded up to the next one.
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def _bucket(size: int) -> int:
     return next(b for b in _BUCKETS if b >= size)
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where a frame sits in the network input.
-
-    Attributes:
-        left: Padding columns before the image.
-        top: Padding rows before the image.
-        width: Scaled image width.
-        height: Scaled image height.
-        input_width: Width of the padded input this frame alone would need.
-        input_height: Height of the padded input this frame alone would need.
-    """
-
-    left: int
-    top: int
-    width: int
-    height: int
-    input_width: int
-    input_height: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,19 +66,6 @@ class Detected:
 
     detections: list[sv.Detections]
     timings: BatchTimings
-
-
-def place(height: int, width: int, imgsz: int, stride: int, rect: bool) -> Placement:
-    """Ultralytics' letterbox geometry for one frame (``LetterBox(auto=rect)``)."""
-    scale = min(imgsz / height, imgsz / width)
-    new_w, new_h = max(round(width * scale), 1), max(round(height * scale), 1)
-    dw, dh = imgsz - new_w, imgsz - new_h
-    if rect:
-        dw, dh = dw % stride, dh % stride
-    half_w, half_h = dw / 2, dh / 2
-    left, right = round(half_w - 0.1), round(half_w + 0.1)
-    top, bottom = round(half_h - 0.1), round(half_h + 0.1)
-    return Placement(left, top, new_w, new_h, new_w + left + right, new_h + top + bottom)
 
 
 class Detector:
@@ -230,21 +199,41 @@ class Detector:
         return self._run(images, conf, timed=False).detections
 
     def detect_timed(
-        self, images: list[np.ndarray], conf: float | None = None, keys: Sequence[str | None] | None = None
+        self,
+        images: list[np.ndarray],
+        conf: float | None = None,
+        keys: Sequence[str | None] | None = None,
+        prepared: Sequence[Letterboxed | None] | None = None,
     ) -> Detected:
         """``detect``, and the seconds each stage took (on CUDA, synchronised between stages).
 
-        ``keys`` (each image's camera) is for the bench's null runtime; the model ignores it.
+        Args:
+            images: As for ``detect``; with ``prepared``, only their sizes are read.
+            conf: As for ``detect``.
+            keys: Each image's camera, for the bench's null runtime; the model ignores it.
+            prepared: Each image already letterboxed (a camera frame's ``Frame.net``), or None.
+                One made for another geometry than this detector's is made again here.
         """
-        return self._run(images, conf, timed=True)
+        return self._run(images, conf, timed=True, prepared=prepared)
 
-    def _run(self, images: list[np.ndarray], conf: float | None, timed: bool) -> Detected:
+    @property
+    def net_input(self) -> NetInput:
+        """The input geometry the decoder children letterbox frames into for this detector."""
+        return NetInput(self.settings.imgsz, self.stride, self.rect)
+
+    def _run(
+        self,
+        images: list[np.ndarray],
+        conf: float | None,
+        timed: bool,
+        prepared: Sequence[Letterboxed | None] | None = None,
+    ) -> Detected:
         if not images:
             return Detected([], BatchTimings(0.0, 0.0, 0.0))
         clock = time.perf_counter
         t0 = t1 = t2 = clock()
         with torch.inference_mode():
-            batch, placements = self._preprocess(images)
+            batch, placements = self._preprocess(images, prepared)
             if timed:
                 self._sync()
                 t1 = clock()
@@ -255,7 +244,8 @@ class Detector:
                 self._sync()
                 t2 = clock()
             floor = self.settings.conf if conf is None else conf
-            results = self._postprocess(raw, placements, images, floor)
+            sizes = [(im.shape[0], im.shape[1]) for im in images]
+            results = self._postprocess(raw, placements, sizes, floor)
         t3 = clock() if timed else t2
         return Detected(results, BatchTimings(t1 - t0, t2 - t1, t3 - t2))
 
@@ -263,7 +253,10 @@ class Detector:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[Placement]]:
+    def _preprocess(
+        self, images: list[np.ndarray], prepared: Sequence[Letterboxed | None] | None = None
+    ) -> tuple[torch.Tensor, list[Placement]]:
+        """The batch tensor, and where each image sits in it (for mapping boxes back)."""
         imgsz = self.settings.imgsz
         for image in images:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -271,15 +264,33 @@ class Detector:
                     f"expected an HxWx3 uint8 BGR image, got shape {image.shape} {image.dtype}"
                 )
         placements = [place(im.shape[0], im.shape[1], imgsz, self.stride, self.rect) for im in images]
+        if prepared is not None:
+            # A letterbox goes in as it is: at the top left, its own padding included.
+            net = self.net_input
+            inputs = list(images)
+            layout = list(placements)
+            for i, box in enumerate(prepared):
+                if box is not None and box.net == net and box.placement == placements[i]:
+                    p = box.placement
+                    inputs[i] = box.image
+                    layout[i] = Placement(0, 0, p.input_width, p.input_height, p.input_width, p.input_height)
+            return self._assemble(inputs, layout, placements), placements
+        return self._assemble(images, placements, placements), placements
+
+    def _assemble(
+        self, images: list[np.ndarray], layout: list[Placement], placements: list[Placement]
+    ) -> torch.Tensor:
+        """Each image resized and padded into one batch, where ``layout`` says."""
+        imgsz = self.settings.imgsz
         height = max(p.input_height for p in placements)
         width = max(p.input_width for p in placements)
         if self.device.type == "cpu":
-            return self._preprocess_cpu(images, placements, height, width), placements
+            return self._preprocess_cpu(images, layout, height, width)
         if self.compiled:
             height = width = imgsz  # one static shape per batch bucket: compiled graphs are reused
         rows = _bucket(len(images)) if self.compiled else len(images)
         batch = torch.full((rows, 3, height, width), PAD_VALUE / 255, dtype=self.dtype, device=self.device)
-        for i, (image, p) in enumerate(zip(images, placements, strict=True)):
+        for i, (image, p) in enumerate(zip(images, layout, strict=True)):
             # uint8 goes up as it is (a third of float32's bytes), from pinned memory so the
             # copy is asynchronous; the staging buffers are reused batch after batch.
             staging = self._staging(i, image.shape)
@@ -290,7 +301,7 @@ class Detector:
                 tensor = F.interpolate(tensor, size=(p.height, p.width), mode="bilinear", align_corners=False)
                 tensor = tensor.round_().clamp_(0, 255)  # what cv2's uint8 resize hands Ultralytics
             batch[i, :, p.top : p.top + p.height, p.left : p.left + p.width] = tensor[0] / 255
-        return batch.contiguous(memory_format=torch.channels_last), placements
+        return batch.contiguous(memory_format=torch.channels_last)
 
     def _staging(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
         key = (index, *shape)
@@ -315,7 +326,7 @@ class Detector:
         return tensor.float().div_(255).contiguous()
 
     def _postprocess(
-        self, raw: Any, placements: list[Placement], images: list[np.ndarray], conf: float
+        self, raw: Any, placements: list[Placement], sizes: list[tuple[int, int]], conf: float
     ) -> list[sv.Detections]:
         from ultralytics.utils.nms import non_max_suppression
         from ultralytics.utils.ops import scale_boxes
@@ -328,11 +339,10 @@ class Detector:
             end2end=bool(getattr(self.backend, "end2end", False)),
         )
         results = []
-        for boxes, p, image in zip(kept, placements, images, strict=True):
+        for boxes, p, (height, width) in zip(kept, placements, sizes, strict=True):
             array = boxes.float().cpu().numpy()
             # Back to frame pixels as Ultralytics maps its own predictions (each side's own
             # gain, as LetterBox rounds each side), clipped to the frame.
-            height, width = image.shape[:2]
             gains = (p.height / height, p.width / width)
             xyxy = np.asarray(
                 scale_boxes((0, 0), array[:, :4].copy(), (height, width), ratio_pad=(gains, (p.left, p.top)))

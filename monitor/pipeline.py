@@ -25,6 +25,7 @@ from monitor.camera import CameraPipeline, Tracked
 from monitor.classifier import Classification, Classifier
 from monitor.detector import Detected
 from monitor.frames import Frame
+from monitor.letterbox import Letterboxed
 from monitor.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,11 @@ class Detects(Protocol):
     """What the step needs of a detector: ``Detector``, or the bench's null runtime."""
 
     def detect_timed(
-        self, images: list[np.ndarray], conf: float | None = None, keys: Sequence[str | None] | None = None
+        self,
+        images: list[np.ndarray],
+        conf: float | None = None,
+        keys: Sequence[str | None] | None = None,
+        prepared: Sequence[Letterboxed | None] | None = None,
     ) -> Detected: ...
 
 
@@ -113,13 +118,30 @@ class PipelineStep:
             on_pictures: Receives the pictures' detections (in order, at ``min(floor, conf)``)
                 as soon as the forward pass is done, before the frames' own stages.
 
+        The frames are released at the end (``Frame.release``): their decoders may
+        write into their slots again.
+
         Raises:
             Exception: Whatever the detector raised (nothing of the frames was processed).
         """
+        try:
+            self._run(frames, pictures, conf, on_pictures)
+        finally:
+            for frame in frames:
+                frame.release()
+
+    def _run(
+        self,
+        frames: Sequence[Frame],
+        pictures: Sequence[np.ndarray],
+        conf: float | None,
+        on_pictures: Callable[[list[sv.Detections]], None] | None,
+    ) -> None:
         images = [f.image for f in frames] + list(pictures)
         floor = self.floor if conf is None else min(self.floor, conf)
         keys = [f.camera for f in frames] + [None] * len(pictures)
-        detected = self.detector.detect_timed(images, conf=floor, keys=keys)
+        prepared = [f.net for f in frames] + [None] * len(pictures)
+        detected = self.detector.detect_timed(images, conf=floor, keys=keys, prepared=prepared)
         done = time.time()
         stage = self.metrics.stage_duration
         batch_stages = detected.timings.stages()

@@ -5,11 +5,12 @@ forkserver, watches it (a stream that never opens, stalls or dies is killed
 and restarted with backoff) and hands the newest frame to the loop.
 
 The parent keeps only the newest ``FrameReady`` per camera; frames replaced
-before the detector took them are counted as dropped, never queued. Three
-slots make a copy safe without locks: the child overwrites the slot of frame
-``n`` only after publishing ``n + 2``, which the parent checks after copying.
-A lock would be unsafe here: a child killed while holding it would freeze the
-daemon.
+before the detector took them are counted as dropped, never queued. A frame
+taken is not copied: ``take`` holds its slot (``Handoff.lease``), which the
+child then leaves alone, and the frame reads its pixels and its letterbox in
+place until its pipeline step releases it (``Frame.release``). The child's
+side is ``decoder.Slots``. No lock: a child killed while holding one would
+freeze the daemon.
 """
 
 from __future__ import annotations
@@ -31,17 +32,20 @@ from monitor.decoder import (
     Decoder,
     Failed,
     FrameReady,
+    Handoff,
     Opened,
     Opening,
     RecordingFailed,
     RecordTarget,
     SegmentClosed,
     decoder_main,
+    fence,
     frame_bytes,
     stall_reason,
 )
 from monitor.decoder_av import record_main
-from monitor.frames import CameraState, CameraStatus, Frame
+from monitor.frames import CameraState, CameraStatus, Frame, Lease
+from monitor.letterbox import Letterboxed, NetInput, Placement
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
 from monitor.synthetic import SyntheticFeed, synthetic_main
@@ -101,6 +105,7 @@ class Source:
             same slots on the same clock instead of decoding ``settings.url``.
         record: Where the child also records the stream's segments (the camera records).
         on_recording: Called with the child's ``SegmentClosed`` and ``RecordingFailed``.
+        net: The detector's input: the child letterboxes each frame into it (``Frame.net``).
     """
 
     def __init__(
@@ -113,17 +118,23 @@ class Source:
         feed: SyntheticFeed | None = None,
         record: RecordTarget | None = None,
         on_recording: Callable[[str, SegmentClosed | RecordingFailed], None] | None = None,
+        net: NetInput | None = None,
     ) -> None:
         self.name = name
+        self._net = net
         self._record = record
         self._on_recording = on_recording
         self.settings = settings
         self.fps = fps
         self._feed = feed
         self._on_status = on_status
-        self._slot_bytes = frame_bytes(settings)
+        self._frame_bytes = frame_bytes(settings)
+        self._slot_bytes = self._frame_bytes + (net.max_bytes if net is not None else 0)
         self._shm: SharedMemory | None = None
         self._latest_seq: Any = None
+        self._lease_slot: Any = None  # the slot held for ``_held`` (the child writes any other)
+        self._held: Lease | None = None  # the newest frame taken, until its step releases it
+        self._placements: dict[tuple[int, int], Placement] = {}
         self._proc: Any = None
         self._conn: mpc.Connection | None = None
         self._ready: FrameReady | None = None
@@ -166,12 +177,18 @@ class Source:
         self.close()
 
     def close(self) -> None:
-        """Stop the decoder and free the shared memory. Idempotent."""
+        """Stop the decoder and free the shared memory (a frame still in use keeps a copy). Idempotent."""
         self._stop_child()
+        if self._held is not None:
+            self._held.detach()
+            self._held = None
         if self._shm is not None:
-            self._shm.close()
-            self._shm.unlink()
-            self._shm = None
+            shm, self._shm = self._shm, None
+            shm.unlink()
+            try:
+                shm.close()
+            except BufferError:  # a view of a slot is still referenced: freed with it
+                logger.debug("shared memory still viewed at close", extra={"camera": self.name})
 
     def _spawn(self) -> bool:
         """Start a decoder; False (camera offline, retried with backoff) when the system refuses.
@@ -186,6 +203,7 @@ class Source:
                 self._shm = SharedMemory(create=True, size=SLOTS * self._slot_bytes)
             if self._latest_seq is None:
                 self._latest_seq = _CTX.RawValue("q", -1)
+                self._lease_slot = _CTX.RawValue("q", -1)
             self._start_child()
         except OSError as exc:
             self._restart(CameraState.OFFLINE, f"cannot start the decoder: {exc.strerror or exc}")
@@ -218,7 +236,10 @@ class Source:
 
     def _new_process(self, writer: mpc.Connection) -> Any:
         assert self._shm is not None
-        handoff = (self._shm.name, self._slot_bytes, self._latest_seq, writer)
+        handoff = (
+            Handoff(self._shm.name, self._frame_bytes, self._net, self._latest_seq, self._lease_slot),
+            writer,
+        )
         if self._feed is not None:  # the bench's stand-in: pre-made frames, nothing decoded
             return _CTX.Process(
                 target=synthetic_main,
@@ -310,7 +331,12 @@ class Source:
         return self._ready.capture_time if self._ready is not None else float("inf")
 
     def take(self, not_before: float | None = None) -> Frame | None:
-        """Copy the newest frame out of shared memory, or None if there is no new one.
+        """Hold the newest frame's slot and hand the frame over, or None if there is no new one.
+
+        The frame's pixels stay in the slot, unread, until its step reads what it needs
+        (the letterbox to detect it; full-resolution pixels only for a snapshot or a
+        crop) and releases it. The frame taken before, if still unreleased, is copied
+        out first: its slot is given back.
 
         Args:
             not_before: A frame captured earlier than this (wall clock) is too old to
@@ -324,16 +350,37 @@ class Source:
             self._taken_seq = ready.seq
             return None
         assert self._latest_seq is not None
-        offset = ready.slot * self._slot_bytes
-        view = np.ndarray((ready.height, ready.width, 3), np.uint8, self._shm.buf, offset)
-        image = view.copy()
-        if self._latest_seq.value > ready.seq + SLOTS - 2:
-            return None  # the child lapped us while we copied; a newer frame is coming
+        if self._held is not None:
+            if self._held.in_slot:
+                self._held.detach()  # still in a step (a camera twice in one batch)
+            self._held = None
+        self._lease_slot.value = ready.slot
+        fence()  # the lease before the look at the newest number (see ``decoder.Slots``)
+        if self._latest_seq.value > ready.seq + SLOTS - 3:
+            self._lease_slot.value = -1
+            return None  # the child may have written the slot already; a newer frame is coming
         if self._taken_seq >= 0:
             self._dropped.inc(ready.seq - self._taken_seq - 1)
         self._taken_seq = ready.seq
-        del view
-        return Frame(self.name, ready.seq, ready.capture_time, image)
+        offset = ready.slot * self._slot_bytes
+        image = np.ndarray((ready.height, ready.width, 3), np.uint8, self._shm.buf, offset)
+        image.flags.writeable = False
+        self._held = Lease(image, self._letterbox(ready, offset))
+        return Frame(self.name, ready.seq, ready.capture_time, self._held)
+
+    def _letterbox(self, ready: FrameReady, offset: int) -> Letterboxed | None:
+        """The view of the frame's letterbox, which the child wrote next to it."""
+        net = self._net
+        if net is None or self._shm is None:
+            return None
+        p = self._placements.get((ready.height, ready.width))
+        if p is None:
+            p = self._placements[(ready.height, ready.width)] = net.place(ready.height, ready.width)
+        box = np.ndarray(
+            (p.input_height, p.input_width, 3), np.uint8, self._shm.buf, offset + self._frame_bytes
+        )
+        box.flags.writeable = False
+        return Letterboxed(box, p, net)
 
     def check(self, now: float) -> None:
         """Watchdog: restart a decoder that died, stalled or never opened."""

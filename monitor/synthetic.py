@@ -17,11 +17,10 @@ import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
 
 import numpy as np
 
-from monitor.decoder import SLOTS, Failed, FrameReady, Opened, Opening
+from monitor.decoder import Failed, Handoff, Opened, Opening, Slots
 
 #: Distinct random frames a stand-in child cycles through.
 POOL = 4
@@ -36,12 +35,14 @@ class SyntheticFeed:
         height: Frame height (pixels).
         phase: Seconds after the child's start of its first frame (spreads the streams' arrivals).
         seed: Seed of the random frames (``synthetic_frames``).
+        count: Distinct frames it cycles through.
     """
 
     width: int
     height: int
     phase: float = 0.0
     seed: int = 0
+    count: int = POOL
 
 
 def synthetic_frames(width: int, height: int, count: int = POOL, seed: int = 0) -> list[np.ndarray]:
@@ -50,23 +51,16 @@ def synthetic_frames(width: int, height: int, count: int = POOL, seed: int = 0) 
     return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def synthetic_main(
-    feed: SyntheticFeed,
-    fps: float,
-    shm_name: str,
-    slot_bytes: int,
-    latest_seq: Any,
-    conn: mpc.Connection,
-) -> None:
+def synthetic_main(feed: SyntheticFeed, fps: float, handoff: Handoff, conn: mpc.Connection) -> None:
     """Entry point of a stand-in child: a frame every ``1 / fps`` s into the slots, until killed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    shm = SharedMemory(name=shm_name)
+    shm = SharedMemory(name=handoff.shm_name)
     try:
-        if feed.width * feed.height * 3 > slot_bytes:
+        if feed.width * feed.height * 3 > handoff.frame_bytes:
             conn.send(Failed(f"a {feed.width}x{feed.height} frame does not fit the camera's slots"))
             code = 2
         else:
-            _feed_loop(feed, fps, shm, slot_bytes, latest_seq, conn)
+            _feed_loop(feed, fps, Slots(shm, handoff, conn), conn)
             code = 0
     except (BrokenPipeError, EOFError, OSError):
         code = 0  # the parent closed the pipe: it is stopping us
@@ -75,25 +69,17 @@ def synthetic_main(
     os._exit(code)
 
 
-def _feed_loop(
-    feed: SyntheticFeed, fps: float, shm: SharedMemory, slot_bytes: int, latest_seq: Any, conn: mpc.Connection
-) -> None:
-    frames = synthetic_frames(feed.width, feed.height, seed=feed.seed)
+def _feed_loop(feed: SyntheticFeed, fps: float, slots: Slots, conn: mpc.Connection) -> None:
+    frames = synthetic_frames(feed.width, feed.height, feed.count, feed.seed)
     conn.send(Opening())
     conn.send(Opened(feed.width, feed.height, fps))
     period = 1.0 / fps
     next_due = time.monotonic() + feed.phase
-    seq = 0
     while True:
         delay = next_due - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        slot = seq % SLOTS
-        dest = np.ndarray((feed.height, feed.width, 3), np.uint8, shm.buf, slot * slot_bytes)
-        np.copyto(dest, frames[seq % len(frames)])
-        del dest
-        latest_seq.value = seq
-        conn.send(FrameReady(seq, slot, time.time(), feed.height, feed.width))
-        seq += 1
+        # What a decoder child does with each due frame once decoded: the slot, the letterbox.
+        slots.publish(frames[slots.seq % len(frames)])
         # A child that fell behind (a busy machine) delivers at once, then keeps the clock.
         next_due = max(next_due + period, time.monotonic())

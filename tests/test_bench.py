@@ -271,9 +271,10 @@ def test_null_runtime_replays_the_models_detections_through_the_real_hand_off(we
     )  # fmt: skip
     config_, pipeline, stages = report["config"], report["pipeline"], report["stages"]
     assert (config_["runtime"], config_["replayed_from"], config_["mode"]) == ("null", str(CLIP), "synthetic")
-    # No inference ran in the window: the replayed detections cost only their scaling.
+    # No inference ran in the window; the frames' letterboxes (made by the stand-in children)
+    # were packed into a batch, as the detector does before the network.
     assert stages["inference"]["max"] == 0
-    assert stages["preprocess"]["max"] == 0
+    assert stages["preprocess"]["max"] > 0
     # ...and they are people walking: tracks were confirmed and ended by the real rules.
     assert pipeline["events"]["new"] > 0
     assert stages["tracking"]["count"] == pipeline["processed"]

@@ -11,6 +11,7 @@ import supervision as sv
 
 from monitor.detector import Detector, place
 from monitor.errors import DetectorError
+from monitor.letterbox import Letterboxed, NetInput, letterbox_into
 from monitor.settings import ModelSettings
 from tests.conftest import CLIP, TEST_IMGSZ, TEST_LABELS
 
@@ -82,6 +83,42 @@ def test_batch_of_mixed_cameras_matches_predict(weights, detector, frames):
         if len(o):
             assert (o.xyxy[:, [0, 2]] <= image.shape[1]).all()
             assert (o.xyxy[:, [1, 3]] <= image.shape[0]).all()
+
+
+def _letterboxed(images: list[np.ndarray], net: NetInput) -> list[Letterboxed]:
+    """What the decoder children hand over beside each frame."""
+    out = []
+    for image in images:
+        p = net.place(*image.shape[:2])
+        box = np.empty((p.input_height, p.input_width, 3), np.uint8)
+        letterbox_into(image, box, p)
+        out.append(Letterboxed(box, p, net))
+    return out
+
+
+def _assert_identical(ours: list[sv.Detections], want: list[sv.Detections]) -> None:
+    for a, b in zip(ours, want, strict=True):
+        assert np.array_equal(a.xyxy, b.xyxy)
+        assert np.array_equal(a.confidence, b.confidence)
+        assert np.array_equal(a.class_id, b.class_id)
+
+
+def test_frames_letterboxed_by_their_decoder_are_detected_without_reading_their_pixels(detector, frames):
+    mixed = [frames[0], cv2.resize(frames[1], (1920, 1080)), frames[2], cv2.resize(frames[3], (1280, 720))]
+    own = detector.detect(mixed)
+    assert sum(len(d) for d in own) >= 3, "the clip should show people"
+    blank = [np.zeros_like(image) for image in mixed]  # the frames' own pixels: never read
+    ours = detector.detect_timed(blank, prepared=_letterboxed(mixed, detector.net_input)).detections
+    _assert_identical(ours, own)  # boxes in each frame's own pixels, as if it had letterboxed them
+
+
+def test_a_letterbox_made_for_another_input_is_made_again(detector, frames):
+    net = detector.net_input
+    other = NetInput(net.imgsz * 2, net.stride, net.rect)  # a decoder started for another model
+    prepared = _letterboxed(frames[:2], other)
+    _assert_identical(
+        detector.detect_timed(frames[:2], prepared=prepared).detections, detector.detect(frames[:2])
+    )
 
 
 def test_empty_frame_gives_no_detections(detector):

@@ -194,7 +194,7 @@ class FakeClassifier:
 class FakeDetector:
     """Three cows per frame."""
 
-    def detect_timed(self, images, conf=None, keys=None):  # type: ignore[no-untyped-def]
+    def detect_timed(self, images, conf=None, keys=None, prepared=None):  # type: ignore[no-untyped-def]
         from monitor.detector import BatchTimings, Detected
 
         found = sv.Detections(

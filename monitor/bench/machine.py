@@ -91,7 +91,8 @@ def check_shared_memory(settings: Settings) -> None:
     """Fail early when /dev/shm cannot hold every stream's slots (a decoder would die of SIGBUS)."""
     if not SHM_DIR.is_dir():
         return
-    need = sum(SLOTS * frame_bytes(camera) for camera in settings.cameras.values())
+    letterbox = settings.model.imgsz**2 * 3  # each slot's letterbox (``decoder.slot_bytes``)
+    need = sum(SLOTS * (frame_bytes(camera) + letterbox) for camera in settings.cameras.values())
     stat = os.statvfs(SHM_DIR)
     free = stat.f_bavail * stat.f_frsize
     if need > free:

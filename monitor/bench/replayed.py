@@ -22,6 +22,7 @@ import supervision as sv
 
 from monitor.detector import BatchTimings, Detected, Detector
 from monitor.errors import SourceError
+from monitor.letterbox import PAD_VALUE, Letterboxed
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +83,25 @@ class ReplayedDetector:
         self._cursor: dict[str | None, int] = {}
 
     def detect_timed(
-        self, images: list[np.ndarray], conf: float | None = None, keys: Sequence[str | None] | None = None
+        self,
+        images: list[np.ndarray],
+        conf: float | None = None,
+        keys: Sequence[str | None] | None = None,
+        prepared: Sequence[Letterboxed | None] | None = None,
     ) -> Detected:
-        """Each image's next recorded detections (its camera's, by ``keys``), scaled to its size."""
+        """Each image's next recorded detections (its camera's, by ``keys``), scaled to its size.
+
+        The frames' letterboxes are packed into one uint8 batch, as the detector's
+        preprocessing does before the network: only the network is left out.
+        """
         started = time.perf_counter()
+        boxes = [b.image for b in prepared or () if b is not None]
+        if boxes:
+            height, width = max(b.shape[0] for b in boxes), max(b.shape[1] for b in boxes)
+            batch = np.full((len(boxes), height, width, 3), PAD_VALUE, np.uint8)
+            for row, box in zip(batch, boxes, strict=True):
+                row[: box.shape[0], : box.shape[1]] = box
+        packed = time.perf_counter()
         keys = keys if keys is not None else [None] * len(images)
         found = []
         for image, key in zip(images, keys, strict=True):
@@ -102,4 +118,4 @@ class ReplayedDetector:
                     data={"class_name": frame.class_name[keep]},
                 )
             )
-        return Detected(found, BatchTimings(0.0, 0.0, time.perf_counter() - started))
+        return Detected(found, BatchTimings(packed - started, 0.0, time.perf_counter() - packed))

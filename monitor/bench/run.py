@@ -153,6 +153,7 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
                         feed=feeds[name] if options.synthetic else None,
                         record=record_of(name),
                         on_recording=clips.on_recording if clips is not None else None,
+                        net=detector.net_input,
                     )
                 )
                 for name, camera in settings.cameras.items()
