@@ -14,12 +14,11 @@ open events end, the publisher waits for in-flight PUBACKs and says
 from __future__ import annotations
 
 import logging
-import multiprocessing.connection as mpc
 import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any, Literal
+from typing import Literal
 
 import supervision as sv
 
@@ -32,6 +31,7 @@ from monitor.dispatch import Dispatcher
 from monitor.errors import MonitorError
 from monitor.frames import CameraState, Frame
 from monitor.http_server import HttpServer
+from monitor.loop import Loop
 from monitor.metrics import Metrics
 from monitor.notify import SystemdNotifier, Watchdog, watchdog_interval
 from monitor.pipeline import PipelineStep, at_least
@@ -47,8 +47,6 @@ __all__ = ["Daemon", "watchdog_interval"]
 
 logger = logging.getLogger(__name__)
 
-#: Longest the loop sleeps without a frame (watchdogs and stop checks run this often).
-LOOP_TICK = 0.2
 SYNCHRONOUS: dict[str, Literal["FULL", "NORMAL", "AUTO"]] = {
     "full": "FULL",
     "normal": "NORMAL",
@@ -288,36 +286,26 @@ class Daemon:
     ) -> None:
         detect = self.settings.detect
         scheduler = Scheduler(detect.max_batch, detect.max_age_ms / 1000 if detect.max_age_ms else None)
-        last_chores = 0.0
+
+        def chores(now: float) -> None:
+            self._expire_tracks(publisher)
+            online = sum(1 for s in self.sources.values() if s.state is CameraState.ONLINE)
+            self.watchdog.tick(now, online, len(self.sources))
+
+        loop = Loop(
+            self.sources,
+            scheduler,
+            detect.max_wait_ms / 1000,
+            self._process,
+            chores,
+            self.metrics,
+            requests,
+            self._upload_share,
+        )
         while not stop.is_set():
             if self._reload_requested.is_set():
                 self._apply_reload(detector.label, publisher)
-            by_connection = {s.connection: s for s in self.sources.values() if s.connection is not None}
-            waitables: list[Any] = list(by_connection)
-            # Frames or uploads left over from a full batch go next, without waiting.
-            behind = requests.pending() or any(s.has_new_frame() for s in self.sources.values())
-            for ready in mpc.wait([*waitables, requests.waker], timeout=0 if behind else LOOP_TICK):
-                if ready in by_connection:  # only the cameras that sent something
-                    by_connection[ready].drain()
-            now = time.monotonic()
-            # Watchdogs, expiring tracks and systemd pings need not run at every frame's
-            # wake-up (thousands a second with many cameras): LOOP_TICK is their pace.
-            chores = now - last_chores >= LOOP_TICK
-            if chores:
-                last_chores = now
-                for source in self.sources.values():
-                    source.check(now)
-            frames = scheduler.pick(self.sources.values(), reserve=1 if requests.pending() else 0)
-            if frames and detect.max_wait_ms > 0:
-                frames += self._fill(scheduler, frames, detect.max_wait_ms / 1000, waitables)
-            uploads = requests.take(min(self._upload_share, self.settings.detect.max_batch - len(frames)))
-            if frames or uploads:
-                self._process(frames, uploads)
-            self.metrics.loop_iterations.inc()
-            if chores:
-                self._expire_tracks(publisher)
-                online = sum(1 for s in self.sources.values() if s.state is CameraState.ONLINE)
-                self.watchdog.tick(now, online, len(self.sources))
+            loop.turn()
 
     def _expire_tracks(self, publisher: Publisher | None) -> None:
         """End the tracks of cameras that have gone quiet (those with frames end theirs as they go)."""
@@ -329,19 +317,6 @@ class Daemon:
             if ended:
                 self._dispatch.publish(ended)
         self._dispatch.tick(wall)
-
-    def _fill(
-        self, scheduler: Scheduler, frames: list[Frame], max_wait: float, waitables: list[Any]
-    ) -> list[Frame]:
-        """Wait up to ``max_wait`` after the oldest frame's capture for more cameras to fill the batch."""
-        more: list[Frame] = []
-        deadline = min(f.capture_time for f in frames) + max_wait
-        while len(frames) + len(more) < scheduler.max_batch and (left := deadline - time.time()) > 0:
-            mpc.wait(waitables, timeout=left)
-            for source in self.sources.values():
-                source.drain()
-            more += scheduler.pick(self.sources.values(), reserve=len(frames) + len(more))
-        return more
 
     def _process(self, frames: list[Frame], uploads: list[Request]) -> None:
         def answer(found: list[sv.Detections]) -> None:

@@ -328,6 +328,7 @@ class Slots:
         self._slot_bytes = handoff.slot_bytes
         self._conn = conn
         self._written = [-1] * SLOTS  # the sequence number in each slot (-1: none of this child's)
+        self._holds: list[object] = [None] * SLOTS  # the pre-made frame in each slot (``publish``'s key)
         self._newest = -1  # the slot of the newest frame published
         self._placements: dict[tuple[int, int], Placement] = {}
         self.seq = 0
@@ -337,11 +338,30 @@ class Slots:
         free = [s for s in range(SLOTS) if s not in (self._newest, held)]
         return min(free, key=self._written.__getitem__)
 
-    def publish(self, image: np.ndarray) -> None:
-        """Copy ``image`` (BGR, at most the frame's size) and its letterbox into a free slot; announce it."""
+    def publish(self, image: np.ndarray, key: object = None) -> None:
+        """Copy ``image`` (BGR, at most the frame's size) and its letterbox into a free slot; announce it.
+
+        Args:
+            image: The frame.
+            key: Names a pre-made frame (the bench's stand-in child): a slot that already
+                holds it, pixels and letterbox, is not written again.
+        """
         seq = self.seq
         out_h, out_w = image.shape[:2]
         slot = self._free_slot()
+        if key is None or self._holds[slot] != key:
+            self._write(slot, image)
+        self._holds[slot] = key
+        capture_time = time.time()
+        self._written[slot], self._newest = seq, slot
+        fence()  # the pixels before the number
+        self._handoff.latest_seq.value = seq
+        fence()  # the number before the next frame's look at the lease
+        self._conn.send(FrameReady(seq, slot, capture_time, out_h, out_w))
+        self.seq = seq + 1
+
+    def _write(self, slot: int, image: np.ndarray) -> None:
+        out_h, out_w = image.shape[:2]
         start = slot * self._slot_bytes
         dest = np.ndarray((out_h, out_w, 3), np.uint8, self._shm.buf, start)
         np.copyto(dest, image)
@@ -356,13 +376,6 @@ class Slots:
             )
             letterbox_into(image, box, p)
             del box
-        capture_time = time.time()
-        self._written[slot], self._newest = seq, slot
-        fence()  # the pixels before the number
-        self._handoff.latest_seq.value = seq
-        fence()  # the number before the next frame's look at the lease
-        self._conn.send(FrameReady(seq, slot, capture_time, out_h, out_w))
-        self.seq = seq + 1
 
 
 def _open_with(

@@ -20,6 +20,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import random
+import select
 import time
 from collections.abc import Callable
 from multiprocessing.shared_memory import SharedMemory
@@ -137,6 +138,8 @@ class Source:
         self._placements: dict[tuple[int, int], Placement] = {}
         self._proc: Any = None
         self._conn: mpc.Connection | None = None
+        self._poller: select.poll | None = None
+        self._polled: mpc.Connection | None = None  # the pipe ``_poller`` watches
         self._ready: FrameReady | None = None
         self._taken_seq = -1
         # The watchdog's clock: the last frame of the current decoder, or its start.
@@ -266,6 +269,7 @@ class Source:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+            self._poller = self._polled = None
         if proc is None:
             return
         if proc.is_alive():
@@ -282,12 +286,19 @@ class Source:
         """The pipe to wait on (``multiprocessing.connection.wait``), if running."""
         return self._conn
 
+    def _pending(self, conn: mpc.Connection) -> bool:
+        """True when a message waits (one ``poll`` object per pipe: ``Connection.poll`` builds one a call)."""
+        if self._poller is None or self._polled is not conn:
+            self._poller, self._polled = select.poll(), conn
+            self._poller.register(conn.fileno(), select.POLLIN)
+        return bool(self._poller.poll(0))
+
     def drain(self) -> None:
         """Read every pending message from the decoder."""
         conn = self._conn
         while conn is not None and not conn.closed:
             try:
-                if not conn.poll():
+                if not self._pending(conn):
                     return
                 message = conn.recv()
             except (EOFError, OSError):

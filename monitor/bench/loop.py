@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import multiprocessing.connection as mpc
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from monitor.alerts import Alert
 from monitor.camera import CameraPipeline
 from monitor.classifier import Classifier
-from monitor.daemon import LOOP_TICK
 from monitor.detector import Detector
 from monitor.frames import Frame
+from monitor.loop import Loop
 from monitor.metrics import STAGES as METRIC_STAGES
 from monitor.metrics import Metrics
 from monitor.pipeline import Detects, PipelineStep
@@ -86,7 +84,7 @@ def sample_gpu(device: torch.device, recorder: Recorder) -> None:
 
 
 class BenchLoop:
-    """The daemon's loop (``Daemon._loop``) around the daemon's ``PipelineStep``, without uploads or MQTT."""
+    """The daemon's ``Loop`` around the daemon's ``PipelineStep``, without uploads or MQTT."""
 
     def __init__(
         self,
@@ -119,24 +117,21 @@ class BenchLoop:
             observer=recorder,
             classifier=classifier,
         )
+        self.loop = Loop(
+            {s.name: s for s in sources},
+            self.scheduler,
+            settings.detect.max_wait_ms / 1000,
+            lambda frames, uploads: self.pipeline.run(frames),
+            self._expire,
+            metrics,
+        )
 
     def step(self) -> None:
-        """Wait for frames, take the ready ones (round robin), detect, track, judge."""
-        waitables: list[Any] = [s.connection for s in self.sources if s.connection is not None]
-        if waitables:
-            mpc.wait(waitables, timeout=LOOP_TICK)
-        else:  # every decoder is between restarts
-            time.sleep(LOOP_TICK)
-        now = time.monotonic()
-        for source in self.sources:
-            source.drain()
-            source.check(now)
-        frames = self.scheduler.pick(self.sources)
-        if frames:
-            self.pipeline.run(frames)
+        """One turn of the daemon's loop: wait for frames, take the ready ones (round robin), run the step."""
+        self.loop.turn()
+
+    def _expire(self, now: float) -> None:
+        """The daemon's chores: end the tracks of cameras gone quiet (counted as events)."""
         wall = time.time()
-        seen = {f.camera for f in frames}
-        for name, camera in self.cameras.items():
-            if name not in seen:
-                self.recorder.count(camera.rules.expire(wall))
-        self.metrics.loop_iterations.inc()
+        for camera in self.cameras.values():
+            self.recorder.count(camera.rules.expire(wall))

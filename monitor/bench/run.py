@@ -299,11 +299,9 @@ def _run_window(
                 sample_gpu(detector.device, recorder)
             if now >= next_progress:
                 next_progress = now + PROGRESS_INTERVAL
-                processed = sum(
-                    _counter(metrics, "monitor_camera_frames_processed_total", n)
-                    - start_counts[n]["monitor_camera_frames_processed_total"]
-                    for n in names
-                )
+                # The recorder's own count: reading the registry collects every series, which
+                # with many cameras would cost the main process more than the frames do.
+                processed = len(recorder.to_detections)
                 bar.n = min(round(now - started), bar.total)
                 bar.set_postfix(fps=f"{processed / max(now - started, 1e-9):.1f}")
     seconds = time.monotonic() - started
