@@ -449,6 +449,11 @@ class Source:
         """The current state."""
         return CameraStatus(self.name, self.state, self.since, self.reason, self.reconnects)
 
+    @property
+    def delivered(self) -> bool:
+        """True once any decoder of this camera has delivered a frame."""
+        return self._last_received is not None
+
     def last_frame_age(self, now: float) -> float:
         """Seconds since the last frame arrived, across reconnects (since creation when none has)."""
         return now - (self._last_received if self._last_received is not None else self._created)

@@ -228,10 +228,6 @@ def _with_loadavg_end(machine: Machine) -> Machine:
     return Machine(**{**asdict(machine), "loadavg_end": loadavg()})
 
 
-def _counter(metrics: Metrics, name: str, camera: str) -> float:
-    return metrics.registry.get_sample_value(name, {"camera": camera}) or 0.0
-
-
 _COUNTERS = (
     "monitor_camera_frames_total",
     "monitor_camera_frames_processed_total",
@@ -241,7 +237,18 @@ _COUNTERS = (
 
 
 def _snapshot(metrics: Metrics, cameras: Sequence[str]) -> dict[str, dict[str, float]]:
-    return {name: {c: _counter(metrics, c, name) for c in _COUNTERS} for name in cameras}
+    """Each camera's counters, in one pass over the registry.
+
+    One pass: ``get_sample_value`` collects every series per call, which for 64
+    cameras takes seconds, while the children's messages pile up in the pipes.
+    """
+    counts = {name: dict.fromkeys(_COUNTERS, 0.0) for name in cameras}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            camera = sample.labels.get("camera")
+            if sample.name in _COUNTERS and camera in counts:
+                counts[camera][sample.name] = sample.value
+    return counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,13 +274,14 @@ def _run_window(
     loop = BenchLoop(settings, sources, detector, metrics, recorder, classifier, replayed)
     names = [s.name for s in sources]
     deadline = time.monotonic() + STREAM_START_TIMEOUT
+    # Asked of the sources, not of the registry: a slow loop here would let a backlog of
+    # frame messages pile up in the pipes and spill into the measured window.
     while time.monotonic() < deadline:
-        counts = _snapshot(metrics, names)
-        if all(c["monitor_camera_frames_total"] > 0 for c in counts.values()):
+        if all(s.delivered for s in sources):
             break
         loop.step()
     else:
-        silent = [n for n, c in _snapshot(metrics, names).items() if c["monitor_camera_frames_total"] == 0]
+        silent = [s.name for s in sources if not s.delivered]
         logger.warning(
             "%d stream(s) delivered no frame in %.0f s: %s", len(silent), STREAM_START_TIMEOUT, silent
         )
