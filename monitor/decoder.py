@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -70,8 +70,9 @@ class Opened:
     fallback: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class FrameReady:
+class FrameReady(NamedTuple):
+    """A frame is in ``slot`` (a tuple: one goes down the pipe per frame, and tuples unpickle fast)."""
+
     seq: int
     slot: int
     capture_time: float

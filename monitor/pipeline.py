@@ -212,5 +212,8 @@ def at_least(detections: sv.Detections, conf: float) -> sv.Detections:
     """The detections scoring ``conf`` or more."""
     if detections.confidence is None or len(detections) == 0:
         return detections
-    kept: sv.Detections = detections[detections.confidence >= conf]  # type: ignore[assignment]
+    keep = detections.confidence >= conf
+    if keep.all():  # the usual case: no copy (supervision's indexing costs tens of microseconds)
+        return detections
+    kept: sv.Detections = detections[keep]  # type: ignore[assignment]
     return kept

@@ -33,7 +33,7 @@ class CameraTracker:
     """
 
     def __init__(self, settings: TrackerSettings, fps: float, labels: list[str] | None) -> None:
-        self._labels = None if labels is None else np.array(sorted(set(labels)), dtype=object)
+        self._labels = None if labels is None else frozenset(labels)
         self._tracker = ByteTrackTracker(
             lost_track_buffer=max(1, round(settings.lost_seconds * 30)),  # counted in 30 fps frames
             frame_rate=fps,
@@ -53,11 +53,17 @@ class CameraTracker:
         Returns:
             The tracked detections (``tracker_id`` >= 0) of the tracked labels.
         """
-        if len(detections) and self._labels is not None:
-            keep = np.isin(detections.data["class_name"], self._labels)
-            detections = detections[keep]  # type: ignore[assignment]  # mask indexing gives Detections
+        labels = self._labels
+        if len(detections) and labels is not None:
+            names = detections.data["class_name"]
+            keep = np.fromiter((n in labels for n in names), bool, len(names))
+            if not keep.all():  # supervision's indexing costs tens of microseconds: only when needed
+                detections = detections[keep]  # type: ignore[assignment]  # mask indexing gives Detections
         tracked: sv.Detections = self._tracker.update(detections, timestamp=timestamp)
         if len(tracked) == 0 or tracked.tracker_id is None:
             return tracked
-        confirmed: sv.Detections = tracked[tracked.tracker_id >= 0]  # type: ignore[assignment]
-        return confirmed
+        confirmed = tracked.tracker_id >= 0
+        if confirmed.all():
+            return tracked
+        kept: sv.Detections = tracked[confirmed]  # type: ignore[assignment]
+        return kept
