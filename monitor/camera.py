@@ -60,6 +60,8 @@ class CameraPipeline:
     ) -> None:
         camera = settings.cameras[name]
         objects = settings.objects.merged(camera.objects)
+        #: What a tracking worker builds its copy from (``monitor.workers``): this camera only.
+        self.spec = (name, settings.model_copy(update={"cameras": {name: camera}}), model, topics, instance)
         self.classifier = settings.classifier_for(name)
         self.rules = AlertRules(
             name,
@@ -82,13 +84,26 @@ class CameraPipeline:
         """Masks, size filters, ByteTrack and zones for one frame, and the detections to crop."""
         height, width = frame.image.shape[:2]
         start = time.perf_counter()
+        tracked, zones = self.locate(detections, frame.capture_time, height, width)
+        return self.located(frame, tracked, zones, time.perf_counter() - start)
+
+    def locate(
+        self, detections: sv.Detections, capture_time: float, height: int, width: int
+    ) -> tuple[sv.Detections, list[list[str]]]:
+        """Masks, size filters, ByteTrack and zones: what needs only the detections (a worker's part)."""
         kept = self.regions.keep(detections, height, width)
-        tracked = self.tracker.update(kept, frame.capture_time)
+        tracked = self.tracker.update(kept, capture_time)
+        return tracked, self.regions.zones_of(tracked, height, width)
+
+    def located(
+        self, frame: Frame, tracked: sv.Detections, zones: list[list[str]], seconds: float
+    ) -> Tracked:
+        """``track``'s result from ``locate``'s (run here or by a worker): the detections to crop."""
+        start = time.perf_counter()
         if tracked.tracker_id is not None:
             self.track_ids.update(int(i) for i in tracked.tracker_id)
-        zones = self.regions.zones_of(tracked, height, width)
         wanted = self.rules.wanted(tracked, frame.capture_time)
-        return Tracked(frame, tracked, zones, wanted, time.perf_counter() - start)
+        return Tracked(frame, tracked, zones, wanted, seconds + time.perf_counter() - start)
 
     def judge(self, tracked: Tracked, classes: Mapping[int, Classification] | None = None) -> Processed:
         """The alert rules on one tracked frame, given the classes of its ``wanted`` crops."""

@@ -57,6 +57,7 @@ def cmd_bench(args: argparse.Namespace, *, load: LoadSettings, offline: Offline)
             width=args.width,
             height=args.height,
             max_batch=args.max_batch,
+            workers=args.workers,
             decoder=args.decoder,
             record=args.record,
             runtime=args.runtime,
@@ -131,6 +132,11 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpa
     bench.add_argument("--height", type=int, help="scale frames to this height (with --width)")
     bench.add_argument(
         "--max-batch", type=int, help="frames per forward pass (default: the config's, else 16)"
+    )
+    bench.add_argument(
+        "--workers",
+        type=int,
+        help="tracking worker processes, detect.workers (default: the config's, else 0: in the main process)",
     )
     bench.add_argument(
         "--decoder",

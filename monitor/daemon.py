@@ -42,6 +42,7 @@ from monitor.settings import Settings
 from monitor.snapshots import SnapshotStore
 from monitor.sources import Source
 from monitor.spool import Spool
+from monitor.workers import TrackingWorkers
 
 __all__ = ["Daemon", "watchdog_interval"]
 
@@ -68,7 +69,7 @@ RESTART_SECTIONS = (
     "cluster",
 )
 #: detect keys the detector and the loop read once at start (detect.fps applies on reload).
-RESTART_DETECT_KEYS = ("max_batch", "max_wait_ms", "max_age_ms")
+RESTART_DETECT_KEYS = ("max_batch", "max_wait_ms", "max_age_ms", "workers")
 
 
 class Daemon:
@@ -160,6 +161,10 @@ class Daemon:
             self.metrics.gpu_memory.set_function(detector.memory_bytes)
             self.health.model_ready = True
             self.metrics.ready.set(1)
+            workers = None
+            if settings.detect.workers and publisher is not None:  # before the cameras' first frames
+                restarts = self.metrics.tracker_restarts.inc
+                workers = stack.enter_context(TrackingWorkers(settings.detect.workers, restarts))
             if publisher is not None:
                 self._dispatch = Dispatcher(publisher, self.metrics, self._snapshots, recorder)
                 stack.callback(self._end_open_events)
@@ -189,6 +194,7 @@ class Daemon:
                 settings.model.conf,
                 on_alerts=lambda alerts: self._dispatch.publish(alerts) if publisher is not None else None,
                 classifier=classifier,
+                workers=workers,
             )
             self._loop(stop, detector, publisher, requests)
 

@@ -162,6 +162,11 @@ class Metrics:
             "Recording segments not written (disk full, read-only) or deleted to stay within retention.",
             registry=r,
         )
+        self.tracker_restarts = Counter(
+            "monitor_tracker_restarts",
+            "Tracking worker processes (detect.workers) restarted after dying or hanging.",
+            registry=r,
+        )
         self.reviews = Counter(
             "monitor_reviews", "Visit (review item) messages emitted.", ["camera", "type"], registry=r
         )

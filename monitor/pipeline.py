@@ -27,6 +27,7 @@ from monitor.detector import Detected
 from monitor.frames import Frame
 from monitor.letterbox import Letterboxed
 from monitor.metrics import Metrics
+from monitor.workers import Job, TrackingWorkers, pack
 
 logger = logging.getLogger(__name__)
 #: Seconds between two log lines of a failing classifier.
@@ -81,6 +82,7 @@ class PipelineStep:
         on_alerts: Receives each frame's alerts (timed as the ``publish`` stage).
         observer: Sees the measurements too.
         classifier: Names the crops the cameras ask for (none: cameras get no sub_labels).
+        workers: Track the frames in worker processes (``detect.workers``) instead of here.
     """
 
     def __init__(
@@ -92,8 +94,10 @@ class PipelineStep:
         on_alerts: Callable[[list[Alert]], None],
         observer: StepObserver | None = None,
         classifier: Classifier | None = None,
+        workers: TrackingWorkers | None = None,
     ) -> None:
         self.detector = detector
+        self.workers = workers
         self.classifier = classifier
         self._classifier_failed_at = float("-inf")
         self.cameras = cameras
@@ -152,11 +156,11 @@ class PipelineStep:
             self.observer.batch(batch_stages, len(images))
         if on_pictures is not None:
             on_pictures(detected.detections[len(frames) :])
-        tracked = []
-        for frame, found in zip(frames, detected.detections, strict=False):
+        found = detected.detections[: len(frames)]
+        for frame in frames:
             self.metrics.frames_processed.labels(frame.camera).inc()
             self.metrics.detect_latency.observe(max(0.0, done - frame.capture_time))
-            tracked.append(self.cameras[frame.camera].track(at_least(found, self.floor), frame))
+        tracked = self._track(frames, [at_least(f, self.floor) for f in found])
         classes = self._classify(tracked)
         for item, named in zip(tracked, classes, strict=True):
             frame = item.frame
@@ -170,6 +174,28 @@ class PipelineStep:
                 stage.labels(name).observe(seconds)
             if self.observer is not None:
                 self.observer.frame(frame, done, steps, alerts)
+
+    def _track(self, frames: Sequence[Frame], found: list[sv.Detections]) -> list[Tracked]:
+        """Each frame through its camera's ``track``: here, or on its camera's worker."""
+        workers = self.workers
+        if workers is None:
+            return [self.cameras[f.camera].track(d, f) for f, d in zip(frames, found, strict=True)]
+        jobs = []
+        for frame, detections in zip(frames, found, strict=True):
+            height, width = frame.image.shape[:2]
+            job = Job(frame.camera, pack(detections), frame.capture_time, height, width)
+            jobs.append((self.cameras[frame.camera], job))
+        located = workers.locate(jobs, self._tracks_lost)
+        return [
+            self.cameras[f.camera].located(f, d, zones, seconds)
+            for f, (d, zones, seconds) in zip(frames, located, strict=True)
+        ]
+
+    def _tracks_lost(self, names: list[str]) -> None:
+        """A tracking worker was restarted: its cameras' open tracks end now (their ``end`` goes out)."""
+        ended = [a for n in names if n in self.cameras for a in self.cameras[n].rules.expire(float("inf"))]
+        if ended:
+            self.on_alerts(ended)
 
     def _classify(self, tracked: list[Tracked]) -> list[dict[int, Classification]]:
         """The classes of every frame's wanted crops, in one batch (chunks of ``max_batch``).

@@ -134,6 +134,12 @@ class DetectSettings(_Section):
     max_wait_ms: float = Field(
         0.0, ge=0, le=1000, description="Wait this long for more cameras to fill a batch (GPU: 5-10 ms)."
     )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Tracking worker processes (ByteTrack, masks, zones); 0: in the main process.",
+    )
     max_age_ms: float | None = Field(
         2000.0,
         gt=0,

@@ -44,8 +44,9 @@ def bench_settings(base: Settings, options: BenchOptions, url: str, size: tuple[
             for i in range(options.streams)
         }
         detect = base.detect
-        if options.max_batch is not None:
-            detect = DetectSettings.model_validate({**detect.model_dump(), "max_batch": options.max_batch})
+        for key in ("max_batch", "workers"):
+            if getattr(options, key) is not None:
+                detect = DetectSettings.model_validate({**detect.model_dump(), key: getattr(options, key)})
     except ValidationError as exc:
         raise ConfigError([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from exc
     return base.model_copy(update={"cameras": cameras, "detect": detect})

@@ -22,6 +22,7 @@ from monitor.scheduler import Scheduler
 from monitor.settings import Settings
 from monitor.sources import Source
 from monitor.topics import Topics
+from monitor.workers import TrackingWorkers
 
 #: Prefix of the (never published) snapshot topics.
 BENCH_PREFIX = "bench"
@@ -95,6 +96,7 @@ class BenchLoop:
         recorder: Recorder,
         classifier: Classifier | None = None,
         step_detector: Detects | None = None,
+        workers: TrackingWorkers | None = None,
     ) -> None:
         """``step_detector`` stands in for ``detector`` in the step (the null runtime)."""
         self.sources = sources
@@ -116,6 +118,7 @@ class BenchLoop:
             on_alerts=lambda alerts: None,
             observer=recorder,
             classifier=classifier,
+            workers=workers,
         )
         self.loop = Loop(
             {s.name: s for s in sources},

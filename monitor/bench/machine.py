@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Collection
 from pathlib import Path
 
 import psutil
@@ -35,7 +36,10 @@ def process_tree_cpu() -> dict[int, float]:
     return tree
 
 
-def cpu_usage(start: dict[int, float], end: dict[int, float], seconds: float) -> CpuUsage:
+def cpu_usage(
+    start: dict[int, float], end: dict[int, float], seconds: float, workers: Collection[int] = ()
+) -> CpuUsage:
+    """Cores used over the window: in all, the main process, the tracking ``workers`` (pids), the rest."""
     if not end:
         return CpuUsage(None, None, None, None, 0)
     me = os.getpid()
@@ -43,7 +47,10 @@ def cpu_usage(start: dict[int, float], end: dict[int, float], seconds: float) ->
     total = sum(spent.values()) / seconds
     cores = os.cpu_count() or 1
     main = spent.get(me, 0.0) / seconds
-    return CpuUsage(total, 100 * total / cores, main, total - main, len(end))
+    tracking = sum(spent.get(pid, 0.0) for pid in workers) / seconds
+    return CpuUsage(
+        total, 100 * total / cores, main, total - main - tracking, len(end), workers_cores_used=tracking
+    )
 
 
 def machine_info() -> Machine:

@@ -20,6 +20,7 @@ class BenchOptions:
         width: Frames are scaled to this width (with ``height``); default: the clip's size.
         height: See ``width``.
         max_batch: ``detect.max_batch`` (default: the settings').
+        workers: ``detect.workers``: tracking worker processes (default: the settings').
         decoder: Every file stream's ``decoder`` (``auto``, ``cpu``, ``nvdec``).
         runtime: ``model`` (the detector), or ``null``: detections recorded from a real run of
             the model on ``replay_detections`` are replayed per camera at no inference cost.
@@ -39,6 +40,7 @@ class BenchOptions:
     width: int | None = None
     height: int | None = None
     max_batch: int | None = None
+    workers: int | None = None
     decoder: str = "auto"
     record: bool = False
     runtime: str = "model"
@@ -71,6 +73,8 @@ class BenchOptions:
             problems.append("replay_detections: only with runtime null")
         if self.record and self.synthetic:
             problems.append("record: synthetic streams have nothing to record; use file streams")
+        if self.workers is not None and not 0 <= self.workers <= 64:
+            problems.append(f"workers: must be in [0, 64], got {self.workers}")
         if self.max_batch is not None and self.max_batch < 1:
             problems.append(f"max_batch: must be >= 1, got {self.max_batch}")
         if self.duration <= 0:

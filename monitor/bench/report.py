@@ -78,6 +78,8 @@ class BenchConfig:
     classifier_imgsz: int | None = None
     #: With the null runtime: the clip whose recorded detections were replayed.
     replayed_from: str | None = None
+    #: ``detect.workers``: tracking worker processes (0: tracking in the main process).
+    workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +119,14 @@ class CpuUsage:
     main_cores_used: float | None
     decoders_cores_used: float | None
     processes: int
-    #: CPU milliseconds per processed frame: the main process (the loop, tracking, alert rules
-    #: and, unless the runtime is null, inference) and the decoder children (or stand-ins).
+    #: CPU milliseconds per processed frame: the main process (the loop, tracking unless workers
+    #: do it, alert rules and, unless the runtime is null, inference) and the decoder children
+    #: (or stand-ins).
     main_ms_per_frame: float | None = None
     decoders_ms_per_frame: float | None = None
+    #: The tracking workers (``--workers``; zero without), apart from the decoders.
+    workers_cores_used: float | None = None
+    workers_ms_per_frame: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ from monitor.recorder import Recorder as ClipRecorder
 from monitor.settings import Settings
 from monitor.sources import Source
 from monitor.synthetic import SyntheticFeed, synthetic_frames
+from monitor.workers import TrackingWorkers
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,10 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
             return clips.add_camera(name, record) if clips is not None and record is not None else None
 
         with ExitStack() as streams:
+            workers = None
+            if settings.detect.workers:  # before the streams: their frames would wait meanwhile
+                restarts = metrics.tracker_restarts.inc
+                workers = streams.enter_context(TrackingWorkers(settings.detect.workers, restarts))
             # Synthetic streams: stand-in children write pre-made frames into the same
             # shared-memory slots on the same clock, so the hand-off is the cameras' own.
             feeds = {
@@ -159,7 +164,7 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
                 for name, camera in settings.cameras.items()
             ]
             window, cpu = _run_window(
-                settings, options, sources, detector, metrics, recorder, classifier, replayed
+                settings, options, sources, detector, metrics, recorder, classifier, replayed, workers
             )
             states = {s.name: s.state.value for s in sources}
         pipeline = _pipeline_result(settings, metrics, recorder, window, cpu, states, detector)
@@ -188,6 +193,7 @@ def run_bench(base: Settings, options: BenchOptions) -> BenchReport:
         torch_threads=threads,
         half=detector.half,
         max_batch=settings.detect.max_batch,
+        workers=settings.detect.workers,
         conf=settings.model.conf,
         decoder="synthetic" if options.synthetic else options.decoder + (" + record" * options.record),
         duration_s=options.duration,
@@ -267,11 +273,12 @@ def _run_window(
     recorder: Recorder,
     classifier: Classifier | None,
     replayed: ReplayedDetector | None = None,
+    workers: TrackingWorkers | None = None,
 ) -> tuple[_Window, CpuUsage]:
     """Wait for every stream's first frame, warm up, then measure for ``options.duration``."""
     from tqdm import tqdm
 
-    loop = BenchLoop(settings, sources, detector, metrics, recorder, classifier, replayed)
+    loop = BenchLoop(settings, sources, detector, metrics, recorder, classifier, replayed, workers)
     names = [s.name for s in sources]
     deadline = time.monotonic() + STREAM_START_TIMEOUT
     # Asked of the sources, not of the registry: a slow loop here would let a backlog of
@@ -314,7 +321,7 @@ def _run_window(
                 bar.set_postfix(fps=f"{processed / max(now - started, 1e-9):.1f}")
     seconds = time.monotonic() - started
     recorder.on = False
-    cpu = cpu_usage(cpu_start, process_tree_cpu(), seconds)
+    cpu = cpu_usage(cpu_start, process_tree_cpu(), seconds, workers.pids() if workers is not None else ())
     return _Window(seconds, start_counts, _snapshot(metrics, names)), cpu
 
 
@@ -327,7 +334,10 @@ def _per_frame(cpu: CpuUsage, seconds: float, processed: int) -> CpuUsage:
         return None if cores is None else 1000 * cores * seconds / processed
 
     return replace(
-        cpu, main_ms_per_frame=ms(cpu.main_cores_used), decoders_ms_per_frame=ms(cpu.decoders_cores_used)
+        cpu,
+        main_ms_per_frame=ms(cpu.main_cores_used),
+        decoders_ms_per_frame=ms(cpu.decoders_cores_used),
+        workers_ms_per_frame=ms(cpu.workers_cores_used),
     )
 
 

@@ -1,0 +1,271 @@
+"""Tracking workers: each camera's masks, size filters, ByteTrack and zones in a process of its own.
+
+ByteTrack is the largest per-frame cost after the detector, and it needs
+only the detections: so with ``detect.workers: N`` it runs in N worker
+processes, each camera always on the same one (``cameras % N`` in the order
+they are first seen), while the main process keeps the alert rules, the
+classifier, snapshots and publishing. A step sends each worker its cameras'
+detections of the batch in one message and reads the results back in the
+same order, so a camera's frames are tracked, then judged, in frame order.
+
+A worker that dies (or does not answer within ``ANSWER_TIMEOUT``) is
+killed and started again. Its cameras' trackers are lost with it: the step
+ends their open tracks (their ``end`` events go out) before the new worker
+tracks them from scratch, with track ids of a new range so that no id
+comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import supervision as sv
+
+from monitor.camera import CameraPipeline
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a worker may take to answer one batch before it is taken for hung.
+ANSWER_TIMEOUT = 10.0
+#: Seconds a new worker may take to start (its imports) on a busy machine.
+START_TIMEOUT = 60.0
+#: Each restart of a worker starts its cameras' track ids this much higher.
+ID_RANGE = 1 << 32
+
+_CTX = mp.get_context("forkserver")
+
+#: A frame's detections on the wire: xyxy, confidence, class_id, class names.
+Packed = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def pack(detections: sv.Detections) -> Packed:
+    """The arrays of ``detections`` the worker needs (cheaper to pickle than the object)."""
+    confidence = detections.confidence if detections.confidence is not None else np.ones(len(detections))
+    class_id = detections.class_id if detections.class_id is not None else np.zeros(len(detections), int)
+    names = detections.data.get("class_name")  # absent where the tracker returned nothing
+    names = np.asarray(names if names is not None else [""] * len(detections), dtype=object)
+    return detections.xyxy, confidence, class_id, names
+
+
+def unpack(packed: Packed, tracker_id: np.ndarray | None = None) -> sv.Detections:
+    xyxy, confidence, class_id, names = packed
+    return sv.Detections(
+        xyxy=xyxy, confidence=confidence, class_id=class_id, tracker_id=tracker_id, data={"class_name": names}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One frame for a worker: its camera, detections, capture time and size."""
+
+    camera: str
+    detections: Packed
+    capture_time: float
+    height: int
+    width: int
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """A worker's answer for one frame: the tracked detections, their zones, the seconds it took."""
+
+    detections: Packed
+    tracker_id: np.ndarray
+    zones: list[list[str]]
+    seconds: float
+
+
+def worker_main(conn: mpc.Connection) -> None:
+    """Entry point of a tracking worker: ``("add", spec)`` builds a camera; a list of ``Job`` is answered."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    cameras: dict[str, CameraPipeline] = {}
+    conn.send("ready")
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            break
+        if isinstance(message, tuple) and message[0] == "add":
+            spec = message[1]
+            cameras[spec[0]] = CameraPipeline(*spec)
+            continue
+        answers = []
+        for job in message:
+            started = time.perf_counter()
+            tracked, zones = cameras[job.camera].locate(
+                unpack(job.detections), job.capture_time, job.height, job.width
+            )
+            ids = tracked.tracker_id if tracked.tracker_id is not None else np.zeros(0, int)
+            answers.append(Located(pack(tracked), ids, zones, time.perf_counter() - started))
+        conn.send(answers)
+    os._exit(0)
+
+
+class _Worker:
+    """One worker process and the cameras it tracks."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.generation = -1
+        self.cameras: dict[str, CameraPipeline] = {}  # name -> the main side's pipeline it copies
+        self.proc: Any = None
+        self.conn: mpc.Connection | None = None
+
+    def start(self) -> None:
+        parent, child = _CTX.Pipe()
+        self.proc = _CTX.Process(target=worker_main, args=(child,), name=f"monitor-tracker-{self.index}")
+        self.proc.daemon = True
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        self.generation += 1
+        try:  # its imports done, it answers at once from then on
+            if not parent.poll(START_TIMEOUT) or parent.recv() != "ready":
+                raise OSError("did not start")
+            for pipeline in self.cameras.values():
+                parent.send(("add", pipeline.spec))
+        except (EOFError, OSError) as exc:
+            logger.error("tracking worker %d: %s", self.index, exc)  # the next batch restarts it
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self.proc is not None:
+            self.proc.join(1.0)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+            self.proc = None
+
+
+class TrackingWorkers:
+    """Worker processes that ``PipelineStep`` hands each frame's tracking to.
+
+    Args:
+        count: How many worker processes.
+        restarts: Counts restarts (``monitor_tracker_restarts_total``), if given.
+    """
+
+    def __init__(self, count: int, restarts: Callable[[], None] | None = None) -> None:
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self._workers = [_Worker(i) for i in range(count)]
+        self._assigned: dict[str, _Worker] = {}
+        self._restarts = restarts
+        self._on_restart: Callable[[list[str]], None] | None = None
+
+    def __enter__(self) -> TrackingWorkers:
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+
+    def pids(self) -> list[int]:
+        """The workers' process ids (for tests and the bench)."""
+        return [w.proc.pid for w in self._workers if w.proc is not None]
+
+    def _worker_for(self, name: str, pipeline: CameraPipeline) -> _Worker:
+        worker = self._assigned.get(name)
+        if worker is None:
+            worker = self._assigned[name] = self._workers[len(self._assigned) % len(self._workers)]
+        if worker.cameras.get(name) is not pipeline:  # new, or rebuilt by a reload
+            worker.cameras[name] = pipeline
+            self._send(worker, ("add", pipeline.spec))
+        return worker
+
+    def _send(self, worker: _Worker, message: object) -> bool:
+        try:
+            assert worker.conn is not None
+            worker.conn.send(message)
+        except (OSError, AssertionError):
+            return False
+        return True
+
+    def locate(
+        self, jobs: Sequence[tuple[CameraPipeline, Job]], on_restart: Callable[[list[str]], None]
+    ) -> list[tuple[sv.Detections, list[list[str]], float]]:
+        """Track each job's frame on its camera's worker; the answers in the jobs' order.
+
+        Args:
+            jobs: Each frame's camera (the main side's pipeline) and what the worker needs.
+            on_restart: Called with the cameras of a worker that failed, once it runs
+                again and before their frames are tracked: the caller ends their tracks.
+        """
+        self._on_restart = on_restart
+        by_worker: dict[int, list[int]] = {}
+        for n, (pipeline, job) in enumerate(jobs):
+            by_worker.setdefault(self._worker_for(job.camera, pipeline).index, []).append(n)
+        answers: list[Any] = [None] * len(jobs)
+        sent = {}
+        for index, numbers in by_worker.items():
+            worker = self._workers[index]
+            batch = [jobs[n][1] for n in numbers]
+            sent[index] = batch
+            if not self._send(worker, batch):
+                self._restart(worker, "its pipe broke")
+                self._send(worker, batch)
+        for index, numbers in by_worker.items():
+            worker = self._workers[index]
+            located = self._receive(worker)
+            if located is None:  # it died with the batch: once more on the new one
+                self._send(worker, sent[index])
+                located = self._receive(worker) or []
+            for n, answer in zip(numbers, located, strict=False):
+                answers[n] = answer
+        out: list[tuple[sv.Detections, list[list[str]], float]] = []
+        for (_, job), answer in zip(jobs, answers, strict=True):
+            if answer is None:  # a worker failed twice in a row: the frame counts as empty
+                out.append((unpack(_empty()), [], 0.0))
+                continue
+            worker = self._assigned[job.camera]
+            ids = answer.tracker_id + worker.generation * ID_RANGE
+            out.append((unpack(answer.detections, ids), answer.zones, answer.seconds))
+        return out
+
+    def _receive(self, worker: _Worker) -> list[Located] | None:
+        """The worker's answer, or None after restarting a worker that died or hung."""
+        conn = worker.conn
+        try:
+            if conn is not None and conn.poll(ANSWER_TIMEOUT):
+                answer: list[Located] = conn.recv()
+                return answer
+            reason = f"no answer in {ANSWER_TIMEOUT:g} s"
+        except (EOFError, OSError):
+            code = worker.proc.exitcode if worker.proc is not None else None
+            reason = f"it exited (code {code})" if code is not None else "its pipe closed"
+        self._restart(worker, reason)
+        return None
+
+    def _restart(self, worker: _Worker, reason: str) -> None:
+        logger.error(
+            "tracking worker %d failed (%s); restarting it, the open tracks of its %d camera(s) end",
+            worker.index,
+            reason,
+            len(worker.cameras),
+        )
+        worker.stop()
+        worker.start()
+        if self._restarts is not None:
+            self._restarts()
+        if self._on_restart is not None:
+            self._on_restart(sorted(worker.cameras))
+
+
+def _empty() -> Packed:
+    return (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, int), np.zeros(0, object))
