@@ -144,3 +144,48 @@ def test_two_rtsp_cameras_alert_person_over_mqtt_and_stop_cleanly(
     assert news
     assert news <= ends
     notify.close()
+
+
+def test_with_tracking_workers_a_killed_worker_is_restarted_and_the_camera_keeps_alerting(
+    weights, tmp_path, broker, rtsp_server, subscriber_factory, daemon_factory
+):
+    """``detect.workers``: the camera's tracks run in a worker process; kill -9 it mid-visit."""
+    import psutil
+
+    events = subscriber_factory(broker.port, "test/events")
+    config = base_config(
+        weights,
+        tmp_path,
+        broker.port,
+        free_port(),
+        detect={"fps": 4, "max_batch": 8, "workers": 1},
+        cameras={"cam1": {"url": rtsp_server.url("cam1")}},
+    )
+    daemon = daemon_factory(config)
+
+    def kind(m, type_):  # type: ignore[no-untyped-def]
+        return json.loads(m.payload)["type"] == type_
+
+    first = json.loads(events.wait_for(lambda m: kind(m, "new"), 60, "a new event").payload)
+    (worker,) = [
+        p for p in psutil.Process(daemon.proc.pid).children(recursive=True) if p.name() == "monitor-track0"
+    ]
+    killed_at = time.time()
+    worker.kill()
+    # Its open track ends (the new worker knows nothing of it), and the camera alerts again.
+    end = events.wait_for(
+        lambda m: kind(m, "end") and json.loads(m.payload)["event_id"] == first["event_id"], 30, "its end"
+    )
+    assert json.loads(end.payload)["camera"] == "cam1"
+    events.wait_for(  # a track the new worker started: the camera alerts again
+        lambda m: kind(m, "new") and json.loads(m.payload)["start_time"] > killed_at,
+        60,
+        "a new track's event",
+    )
+    wait_until(lambda: "tracking worker 0 failed" in daemon.log(), 10, "the worker's failure in the log")
+    assert daemon.metrics()["monitor_tracker_restarts_total"] == 1
+    (restarted,) = [
+        p for p in psutil.Process(daemon.proc.pid).children(recursive=True) if p.name() == "monitor-track0"
+    ]
+    assert restarted.pid != worker.pid
+    assert daemon.terminate(timeout=10) == 0
