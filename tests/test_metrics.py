@@ -54,6 +54,7 @@ UNITLESS = {
     "monitor_clip_failures",
     "monitor_recording_segments_dropped",
     "monitor_reviews",
+    "monitor_tracker_restarts",
 }
 #: Series that ``add_camera`` creates at zero.
 CAMERA_SERIES = [
