@@ -33,18 +33,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any, Literal, NamedTuple
-
-import numpy as np
+from typing import Any, Literal
 
 from monitor.decoder_nvdec import NvdecCapture
-from monitor.letterbox import NetInput, Placement, letterbox_into
 from monitor.logs import redact
 from monitor.settings import CameraSettings
+from monitor.slots import Handoff, Slots
 
-#: Slots per camera: the newest frame, the one the parent holds, and two for the child to
-#: choose from (one of them may be the one the parent is about to hold; see ``Slots``).
-SLOTS = 4
 #: Frames larger than this (pixels) are scaled down, keeping their aspect.
 MAX_NATIVE = (1920, 1080)
 #: FFmpeg input options: RTSP over TCP (no UDP loss), and at most 1 s of stream
@@ -68,16 +63,6 @@ class Opened:
     decoder: Decoder = "cpu"
     #: Why the stream is decoded on the CPU although nvdec was chosen.
     fallback: str | None = None
-
-
-class FrameReady(NamedTuple):
-    """A frame is in ``slot`` (a tuple: one goes down the pipe per frame, and tuples unpickle fast)."""
-
-    seq: int
-    slot: int
-    capture_time: float
-    height: int
-    width: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,49 +108,6 @@ def frame_bytes(settings: CameraSettings) -> int:
     width = settings.detect.width or MAX_NATIVE[0]
     height = settings.detect.height or MAX_NATIVE[1]
     return width * height * 3
-
-
-def slot_bytes(settings: CameraSettings, net: NetInput | None) -> int:
-    """Bytes of one slot: the frame, then its letterbox (when the children make it)."""
-    return frame_bytes(settings) + (net.max_bytes if net is not None else 0)
-
-
-@dataclass(frozen=True, slots=True)
-class Handoff:
-    """One camera's shared memory, as the parent made it for its decoder children.
-
-    Attributes:
-        shm_name: The block of ``SLOTS`` slots.
-        frame_bytes: Bytes of a slot's frame part; its letterbox follows.
-        net: The network input the child letterboxes each frame into (None: it does not).
-        latest_seq: ``RawValue('q')``: the newest frame's sequence number the child published.
-        lease: ``RawValue('q')``: the slot the parent holds (-1: none); the child never writes it.
-    """
-
-    shm_name: str
-    frame_bytes: int
-    net: NetInput | None
-    latest_seq: Any
-    lease: Any
-
-    @property
-    def slot_bytes(self) -> int:
-        return self.frame_bytes + (self.net.max_bytes if self.net is not None else 0)
-
-
-_FENCE = threading.Lock()
-
-
-def fence() -> None:
-    """A full memory barrier: a store before it is seen by the other process before a load after it.
-
-    The slot hand-off is a Dekker pattern (each side stores, then loads what the
-    other stored: the child its newest sequence number then the lease, the parent
-    the lease then the newest number), and x86 lets a load pass an earlier store.
-    Python has no fence; taking a lock does one (its atomic read-modify-write).
-    """
-    with _FENCE:
-        pass
 
 
 #: The body of a decoder child: (the stream's URL, its slots, the stderr reader) -> exit code.
@@ -308,75 +250,6 @@ class _StderrReasons:
 
 #: Most seconds ``latest`` waits for the stderr reader before reporting without it.
 _STDERR_SYNC_TIMEOUT = 1.0
-
-
-class Slots:
-    """The child's side of the hand-off: each frame into a free slot, then ``FrameReady``.
-
-    A slot is free unless it holds the newest frame published (the parent may be
-    about to take it) or is the one the parent holds (``Handoff.lease``); of the
-    free ones, the one written longest ago is used. The parent holds a frame only
-    if, after storing its lease, the newest published frame is at most ``SLOTS - 3``
-    newer (``Source.take``): a frame written meanwhile, under the old lease, went
-    into an older slot than the held frame's, and every later one sees the lease.
-    So a held frame's slot is never written while the parent reads it, with no
-    lock a killed child could leave taken.
-    """
-
-    def __init__(self, shm: SharedMemory, handoff: Handoff, conn: mpc.Connection) -> None:
-        self._shm = shm
-        self._handoff = handoff
-        self._slot_bytes = handoff.slot_bytes
-        self._conn = conn
-        self._written = [-1] * SLOTS  # the sequence number in each slot (-1: none of this child's)
-        self._holds: list[object] = [None] * SLOTS  # the pre-made frame in each slot (``publish``'s key)
-        self._newest = -1  # the slot of the newest frame published
-        self._placements: dict[tuple[int, int], Placement] = {}
-        self.seq = 0
-
-    def _free_slot(self) -> int:
-        held = self._handoff.lease.value
-        free = [s for s in range(SLOTS) if s not in (self._newest, held)]
-        return min(free, key=self._written.__getitem__)
-
-    def publish(self, image: np.ndarray, key: object = None) -> None:
-        """Copy ``image`` (BGR, at most the frame's size) and its letterbox into a free slot; announce it.
-
-        Args:
-            image: The frame.
-            key: Names a pre-made frame (the bench's stand-in child): a slot that already
-                holds it, pixels and letterbox, is not written again.
-        """
-        seq = self.seq
-        out_h, out_w = image.shape[:2]
-        slot = self._free_slot()
-        if key is None or self._holds[slot] != key:
-            self._write(slot, image)
-        self._holds[slot] = key
-        capture_time = time.time()
-        self._written[slot], self._newest = seq, slot
-        fence()  # the pixels before the number
-        self._handoff.latest_seq.value = seq
-        fence()  # the number before the next frame's look at the lease
-        self._conn.send(FrameReady(seq, slot, capture_time, out_h, out_w))
-        self.seq = seq + 1
-
-    def _write(self, slot: int, image: np.ndarray) -> None:
-        out_h, out_w = image.shape[:2]
-        start = slot * self._slot_bytes
-        dest = np.ndarray((out_h, out_w, 3), np.uint8, self._shm.buf, start)
-        np.copyto(dest, image)
-        del dest
-        net = self._handoff.net
-        if net is not None:
-            p = self._placements.get((out_h, out_w))
-            if p is None:
-                p = self._placements[(out_h, out_w)] = net.place(out_h, out_w)
-            box = np.ndarray(
-                (p.input_height, p.input_width, 3), np.uint8, self._shm.buf, start + self._handoff.frame_bytes
-            )
-            letterbox_into(image, box, p)
-            del box
 
 
 def _open_with(

@@ -23,13 +23,11 @@ from typing import Any
 
 from monitor.decoder import (
     Failed,
-    Handoff,
     Opened,
     Opening,
     RecordingFailed,
     RecordTarget,
     SegmentClosed,
-    Slots,
     _StderrReasons,
     classify,
     run_child,
@@ -37,6 +35,7 @@ from monitor.decoder import (
     target_size,
 )
 from monitor.settings import CameraSettings
+from monitor.slots import Handoff, Slots
 
 #: Decoder threads per camera (see ``_video``).
 DECODE_THREADS = 2

@@ -23,32 +23,26 @@ import random
 import select
 import time
 from collections.abc import Callable
-from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
-import numpy as np
-
 from monitor.decoder import (
-    SLOTS,
     Decoder,
     Failed,
-    FrameReady,
-    Handoff,
     Opened,
     Opening,
     RecordingFailed,
     RecordTarget,
     SegmentClosed,
     decoder_main,
-    fence,
     frame_bytes,
     stall_reason,
 )
 from monitor.decoder_av import record_main
-from monitor.frames import CameraState, CameraStatus, Frame, Lease
-from monitor.letterbox import Letterboxed, NetInput, Placement
+from monitor.frames import CameraState, CameraStatus, Frame
+from monitor.letterbox import NetInput
 from monitor.metrics import Metrics
 from monitor.settings import CameraSettings
+from monitor.slots import FrameReady, Handoff, SlotReader
 from monitor.synthetic import SyntheticFeed, synthetic_main
 
 logger = logging.getLogger(__name__)
@@ -122,20 +116,13 @@ class Source:
         net: NetInput | None = None,
     ) -> None:
         self.name = name
-        self._net = net
         self._record = record
         self._on_recording = on_recording
         self.settings = settings
         self.fps = fps
         self._feed = feed
         self._on_status = on_status
-        self._frame_bytes = frame_bytes(settings)
-        self._slot_bytes = self._frame_bytes + (net.max_bytes if net is not None else 0)
-        self._shm: SharedMemory | None = None
-        self._latest_seq: Any = None
-        self._lease_slot: Any = None  # the slot held for ``_held`` (the child writes any other)
-        self._held: Lease | None = None  # the newest frame taken, until its step releases it
-        self._placements: dict[tuple[int, int], Placement] = {}
+        self._slots = SlotReader(frame_bytes(settings), net, _CTX)
         self._proc: Any = None
         self._conn: mpc.Connection | None = None
         self._poller: select.poll | None = None
@@ -182,16 +169,7 @@ class Source:
     def close(self) -> None:
         """Stop the decoder and free the shared memory (a frame still in use keeps a copy). Idempotent."""
         self._stop_child()
-        if self._held is not None:
-            self._held.detach()
-            self._held = None
-        if self._shm is not None:
-            shm, self._shm = self._shm, None
-            shm.unlink()
-            try:
-                shm.close()
-            except BufferError:  # a view of a slot is still referenced: freed with it
-                logger.debug("shared memory still viewed at close", extra={"camera": self.name})
+        self._slots.close()
 
     def _spawn(self) -> bool:
         """Start a decoder; False (camera offline, retried with backoff) when the system refuses.
@@ -202,23 +180,16 @@ class Source:
         """
         self._session_frames = False
         try:
-            if self._shm is None:
-                self._shm = SharedMemory(create=True, size=SLOTS * self._slot_bytes)
-            if self._latest_seq is None:
-                self._latest_seq = _CTX.RawValue("q", -1)
-                self._lease_slot = _CTX.RawValue("q", -1)
-            self._start_child()
+            self._start_child(self._slots.handoff())
         except OSError as exc:
             self._restart(CameraState.OFFLINE, f"cannot start the decoder: {exc.strerror or exc}")
             return False
         return True
 
-    def _start_child(self) -> None:
-        assert self._shm is not None
-        assert self._latest_seq is not None
+    def _start_child(self, handoff: Handoff) -> None:
         reader, writer = _CTX.Pipe(duplex=False)
         try:
-            self._proc = self._new_process(writer)
+            self._proc = self._new_process(handoff, writer)
             self._proc.start()
         except BaseException:
             self._proc = None
@@ -237,12 +208,8 @@ class Source:
         self._last_frame = now
         self._restart_at = None
 
-    def _new_process(self, writer: mpc.Connection) -> Any:
-        assert self._shm is not None
-        handoff = (
-            Handoff(self._shm.name, self._frame_bytes, self._net, self._latest_seq, self._lease_slot),
-            writer,
-        )
+    def _new_process(self, shared: Handoff, writer: mpc.Connection) -> Any:
+        handoff = (shared, writer)
         if self._feed is not None:  # the bench's stand-in: pre-made frames, nothing decoded
             return _CTX.Process(
                 target=synthetic_main,
@@ -354,44 +321,19 @@ class Source:
                 be worth detecting: it is dropped (and counted) instead.
         """
         ready = self._ready
-        if ready is None or ready.seq <= self._taken_seq or self._shm is None:
+        if ready is None or ready.seq <= self._taken_seq or self._slots.shm is None:
             return None
         if not_before is not None and ready.capture_time < not_before:
             self._dropped.inc(ready.seq - max(self._taken_seq, -1))  # it and the ones it replaced
             self._taken_seq = ready.seq
             return None
-        assert self._latest_seq is not None
-        if self._held is not None:
-            if self._held.in_slot:
-                self._held.detach()  # still in a step (a camera twice in one batch)
-            self._held = None
-        self._lease_slot.value = ready.slot
-        fence()  # the lease before the look at the newest number (see ``decoder.Slots``)
-        if self._latest_seq.value > ready.seq + SLOTS - 3:
-            self._lease_slot.value = -1
+        lease = self._slots.hold(ready)
+        if lease is None:
             return None  # the child may have written the slot already; a newer frame is coming
         if self._taken_seq >= 0:
             self._dropped.inc(ready.seq - self._taken_seq - 1)
         self._taken_seq = ready.seq
-        offset = ready.slot * self._slot_bytes
-        image = np.ndarray((ready.height, ready.width, 3), np.uint8, self._shm.buf, offset)
-        image.flags.writeable = False
-        self._held = Lease(image, self._letterbox(ready, offset))
-        return Frame(self.name, ready.seq, ready.capture_time, self._held)
-
-    def _letterbox(self, ready: FrameReady, offset: int) -> Letterboxed | None:
-        """The view of the frame's letterbox, which the child wrote next to it."""
-        net = self._net
-        if net is None or self._shm is None:
-            return None
-        p = self._placements.get((ready.height, ready.width))
-        if p is None:
-            p = self._placements[(ready.height, ready.width)] = net.place(ready.height, ready.width)
-        box = np.ndarray(
-            (p.input_height, p.input_width, 3), np.uint8, self._shm.buf, offset + self._frame_bytes
-        )
-        box.flags.writeable = False
-        return Letterboxed(box, p, net)
+        return Frame(self.name, ready.seq, ready.capture_time, lease)
 
     def check(self, now: float) -> None:
         """Watchdog: restart a decoder that died, stalled or never opened."""

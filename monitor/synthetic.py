@@ -20,7 +20,8 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
-from monitor.decoder import Failed, Handoff, Opened, Opening, Slots
+from monitor.decoder import Failed, Opened, Opening
+from monitor.slots import Handoff, Slots
 
 #: Distinct random frames a stand-in child cycles through.
 POOL = 4

@@ -441,9 +441,9 @@ def test_a_held_frame_is_never_written_while_the_child_laps_it():
                 refused += 1  # newer frames were published since its message: not held
                 continue
             if len(taken) % 2:
-                before = source._latest_seq.value
+                before = source._slots.latest_seq.value
                 time.sleep(0.025)  # the slow step; the child goes on meanwhile
-                lapped_holds += source._latest_seq.value - before >= 4  # it went round every slot
+                lapped_holds += source._slots.latest_seq.value - before >= 4  # it went round every slot
             want = frame.seq % len(expected)
             intact = np.array_equal(frame.image, expected[want]) and np.array_equal(
                 frame.net.image, boxes[want]
@@ -476,6 +476,11 @@ def test_a_frame_still_in_use_is_copied_out_when_its_camera_hands_over_the_next(
         assert second.seq > first.seq
         assert first.pixels.in_slot is False  # copied out: its slot was given back
         assert second.pixels.in_slot is True
-        pump(source, lambda: source._latest_seq.value >= second.seq + 8, 5, "the child going round the slots")
+        pump(
+            source,
+            lambda: source._slots.latest_seq.value >= second.seq + 8,
+            5,
+            "the child going round the slots",
+        )
         assert np.array_equal(first.image, expected[first.seq % len(expected)])
         assert np.array_equal(second.image, expected[second.seq % len(expected)])

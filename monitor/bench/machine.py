@@ -11,9 +11,10 @@ import psutil
 import torch
 
 from monitor.bench.report import CpuUsage, Machine
-from monitor.decoder import SLOTS, frame_bytes
+from monitor.decoder import frame_bytes
 from monitor.errors import SourceError
 from monitor.settings import Settings
+from monitor.slots import SLOTS
 
 #: Where POSIX shared memory lives on Linux.
 SHM_DIR = Path("/dev/shm")
