@@ -26,12 +26,19 @@ class Lease:
     when the slot is about to be given back while the frame is still in use.
     """
 
-    __slots__ = ("_image", "_in_slot", "_net")
+    __slots__ = ("_image", "_in_slot", "_kept", "_net")
 
     def __init__(self, image: np.ndarray, net: Letterboxed | None) -> None:
         self._image: np.ndarray | None = image
         self._net = net
         self._in_slot = True
+        self._kept: np.ndarray | None = None
+
+    def keep(self) -> np.ndarray:
+        """A copy of the pixels of their own, made once however many tracks keep this frame."""
+        if self._kept is None:
+            self._kept = self.image.copy()
+        return self._kept
 
     @property
     def image(self) -> np.ndarray:
@@ -60,7 +67,7 @@ class Lease:
 
     def release(self) -> None:
         """The frame's step is over: let go of the pixels (the slot may be written again)."""
-        self._image = self._net = None
+        self._image = self._net = self._kept = None
         self._in_slot = False
 
 
@@ -95,7 +102,7 @@ class Frame:
     def keep_image(self) -> np.ndarray:
         """The full-resolution pixels in memory of their own, for use after the frame's step (snapshots)."""
         pixels = self.pixels
-        return pixels if isinstance(pixels, np.ndarray) else pixels.image.copy()
+        return pixels if isinstance(pixels, np.ndarray) else pixels.keep()
 
     def release(self) -> None:
         """End of the frame's step: its decoder may write into its slot again (``image`` then raises)."""

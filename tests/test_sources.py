@@ -476,11 +476,13 @@ def test_a_frame_still_in_use_is_copied_out_when_its_camera_hands_over_the_next(
         assert second.seq > first.seq
         assert first.pixels.in_slot is False  # copied out: its slot was given back
         assert second.pixels.in_slot is True
-        pump(
-            source,
-            lambda: source._slots.latest_seq.value >= second.seq + 8,
-            5,
-            "the child going round the slots",
-        )
+        kept = second.keep_image()  # a snapshot's pixels: one copy however many tracks keep the frame
+        assert second.keep_image() is kept
+        newest = source._slots.latest_seq
+        pump(source, lambda: newest.value >= second.seq + 8, 5, "the child going round the slots")
         assert np.array_equal(first.image, expected[first.seq % len(expected)])
         assert np.array_equal(second.image, expected[second.seq % len(expected)])
+        second.release()
+        third = pump(source, source.take, 5, "a third frame")  # the child may now write second's slot
+        pump(source, lambda: newest.value >= third.seq + 8, 5, "the child going round the slots again")
+        assert np.array_equal(kept, expected[second.seq % len(expected)])
