@@ -268,9 +268,11 @@ def test_null_runtime_replays_the_models_detections_through_the_real_hand_off(we
         "--fps", "10",
         "--duration", "6",
         "--warmup", "1",
+        "--workers", "1",
     )  # fmt: skip
     config_, pipeline, stages = report["config"], report["pipeline"], report["stages"]
     assert (config_["runtime"], config_["replayed_from"], config_["mode"]) == ("null", str(CLIP), "synthetic")
+    assert config_["workers"] == 1
     # No inference ran in the window; the frames' letterboxes (made by the stand-in children)
     # were packed into a batch, as the detector does before the network.
     assert stages["inference"]["max"] == 0
@@ -278,12 +280,14 @@ def test_null_runtime_replays_the_models_detections_through_the_real_hand_off(we
     # ...and they are people walking: tracks were confirmed and ended by the real rules.
     assert pipeline["events"]["new"] > 0
     assert stages["tracking"]["count"] == pipeline["processed"]
-    # Through shared memory: the main process, the forkserver and one stand-in per stream,
-    # with CPU per processed frame reported for the main process and the children apart.
+    # Through shared memory: the main process, the forkserver, one stand-in per stream and the
+    # tracking worker, with CPU per processed frame reported for the main process, the
+    # children and the worker apart.
     cpu = pipeline["cpu"]
-    assert cpu["processes"] >= 1 + 1 + 3, cpu
+    assert cpu["processes"] >= 1 + 1 + 3 + 1, cpu
     assert cpu["main_ms_per_frame"] > 0, cpu
     assert cpu["decoders_ms_per_frame"] > 0, cpu
+    assert cpu["workers_ms_per_frame"] > 0, cpu  # the worker tracked (the main process did not)
     window_frames = pipeline["processed"]
     assert cpu["main_ms_per_frame"] == pytest.approx(
         1000 * cpu["main_cores_used"] * pipeline["window_s"] / window_frames
