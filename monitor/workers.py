@@ -227,7 +227,6 @@ class TrackingWorkers:
         self._workers = [_Worker(i) for i in range(count)]
         self._assigned: dict[str, _Worker] = {}
         self._restarts = restarts
-        self._on_restart: Callable[[list[str]], None] | None = None
 
     def __enter__(self) -> TrackingWorkers:
         for worker in self._workers:
@@ -272,25 +271,21 @@ class TrackingWorkers:
             on_restart: Called with the cameras of a worker that failed, once it runs
                 again and before their frames are tracked: the caller ends their tracks.
         """
-        self._on_restart = on_restart
-        by_worker: dict[int, list[int]] = {}
+        by_worker: dict[_Worker, list[int]] = {}
         for n, (pipeline, job) in enumerate(jobs):
-            by_worker.setdefault(self._worker_for(job.camera, pipeline).index, []).append(n)
+            by_worker.setdefault(self._worker_for(job.camera, pipeline), []).append(n)
         answers: list[Any] = [None] * len(jobs)
         sent = {}
-        for index, numbers in by_worker.items():
-            worker = self._workers[index]
-            batch = _to_wire([jobs[n][1] for n in numbers])
-            sent[index] = batch
+        for worker, numbers in by_worker.items():
+            batch = sent[worker] = _to_wire([jobs[n][1] for n in numbers])
             if not self._send(worker, batch):
-                self._restart(worker, "its pipe broke")
+                self._restart(worker, "its pipe broke", on_restart)
                 self._send(worker, batch)
-        for index, numbers in by_worker.items():
-            worker = self._workers[index]
-            located = self._receive(worker)
+        for worker, numbers in by_worker.items():
+            located = self._receive(worker, on_restart)
             if located is None:  # it died with the batch: once more on the new one
-                self._send(worker, sent[index])
-                located = self._receive(worker) or []
+                self._send(worker, sent[worker])
+                located = self._receive(worker, on_restart) or []
             for n, answer in zip(numbers, located, strict=False):
                 answers[n] = answer
         out: list[tuple[sv.Detections, list[list[str]], float]] = []
@@ -303,7 +298,7 @@ class TrackingWorkers:
             out.append((unpack(answer.detections, ids), answer.zones, answer.seconds))
         return out
 
-    def _receive(self, worker: _Worker) -> list[Located] | None:
+    def _receive(self, worker: _Worker, on_restart: Callable[[list[str]], None]) -> list[Located] | None:
         """The worker's answer, or None after restarting a worker that died or hung."""
         conn = worker.conn
         try:
@@ -313,10 +308,10 @@ class TrackingWorkers:
         except (EOFError, OSError):
             code = worker.proc.exitcode if worker.proc is not None else None
             reason = f"it exited (code {code})" if code is not None else "its pipe closed"
-        self._restart(worker, reason)
+        self._restart(worker, reason, on_restart)
         return None
 
-    def _restart(self, worker: _Worker, reason: str) -> None:
+    def _restart(self, worker: _Worker, reason: str, on_restart: Callable[[list[str]], None]) -> None:
         logger.error(
             "tracking worker %d failed (%s); restarting it, the open tracks of its %d camera(s) end",
             worker.index,
@@ -327,8 +322,7 @@ class TrackingWorkers:
         worker.start()
         if self._restarts is not None:
             self._restarts()
-        if self._on_restart is not None:
-            self._on_restart(sorted(worker.cameras))
+        on_restart(sorted(worker.cameras))
 
 
 def _name_process(name: str) -> None:
