@@ -66,6 +66,8 @@ def test_check_config_prints_every_error_with_its_path_and_line(tmp_path, capsys
             "set both width and height",
         ),
         ("model: {path: m.pt}\nmqtt: {password: s3cret}\n", "mqtt.password is set but mqtt.username is not"),
+        ("model: {path: m.pt}\ndetect: {workers: -1}\n", "detect.workers (line 2): Input should be greater"),
+        ("model: {path: m.pt}\ndetect: {workers: many}\n", "detect.workers (line 2): Input should be a"),
     ],
 )
 def test_invalid_values_are_reported_by_path(tmp_path, text, expected):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import supervision as sv
 
+from monitor import workers as workers_module
 from monitor.alerts import Alert
 from monitor.camera import CameraPipeline
 from monitor.detector import BatchTimings, Detected
@@ -129,7 +130,10 @@ def test_with_workers_each_cameras_events_are_the_same_and_in_frame_order():
         assert unended <= people, camera  # only those still walking at the last frame
 
 
-def test_a_killed_worker_is_restarted_its_tracks_end_and_its_cameras_keep_alerting():
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_killed_or_hung_worker_is_restarted_its_tracks_end_and_its_cameras_keep_alerting(how, monkeypatch):
+    """SIGKILL: the worker is gone. SIGSTOP: it never answers, so it is taken for hung and killed."""
+    monkeypatch.setattr(workers_module, "ANSWER_TIMEOUT", 1.0)
     baseline: list[Alert] = []
     step, walkers = _step(None, baseline, Metrics())
     _run(step, walkers, 0, 120)
@@ -140,7 +144,7 @@ def test_a_killed_worker_is_restarted_its_tracks_end_and_its_cameras_keep_alerti
         _run(step, walkers, 0, 25)  # 2.5 s: every camera has an open event
         victim = workers.pids()[0]
         mark = len(events)
-        os.kill(victim, signal.SIGKILL)
+        os.kill(victim, how)
         _run(step, walkers, 25, 120)
         assert victim not in workers.pids()
         assert len(workers.pids()) == 2
