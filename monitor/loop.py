@@ -20,7 +20,7 @@ from typing import Any
 from monitor.frames import Frame
 from monitor.metrics import Metrics
 from monitor.scheduler import Request, RequestQueue, Scheduler
-from monitor.sources import Source
+from monitor.sources import Source, pipe_changes
 
 #: Longest the loop sleeps without a frame (watchdogs and stop checks run this often).
 LOOP_TICK = 0.2
@@ -31,22 +31,26 @@ class Waiter:
 
     ``mpc.wait`` builds a selector and registers every pipe at each call: with 64
     cameras that is most of a turn's cost. Here the pipes are registered again only
-    when the set changes (a camera restarted, added or removed).
+    when the caller hands a new list (a camera restarted, added or removed): the
+    same list object, the same pipes.
     """
 
     def __init__(self) -> None:
         self._poll = select.poll()
         self._by_fd: dict[int, Any] = {}
+        self._objects: Sequence[Any] | None = None
 
     def wait(self, objects: Sequence[Any], timeout: float) -> list[Any]:
         """The ``objects`` (pipes, sockets) readable within ``timeout`` seconds (or closed)."""
-        by_fd = {o.fileno(): o for o in objects}
-        if by_fd.keys() != self._by_fd.keys():
+        if objects is not self._objects:
+            self._objects = objects
+            by_fd = {o.fileno(): o for o in objects}
             for fd in self._by_fd.keys() - by_fd.keys():
                 self._poll.unregister(fd)
             for fd in by_fd.keys() - self._by_fd.keys():
                 self._poll.register(fd, select.POLLIN)
-        self._by_fd = by_fd  # the same number may be a new pipe now: poll goes by number
+            self._by_fd = by_fd  # the same number may be a new pipe now: poll goes by number
+        by_fd = self._by_fd
         milliseconds = math.ceil(timeout * 1000) if timeout > 0 else 0
         return [by_fd[fd] for fd, _ in self._poll.poll(milliseconds)]
 
@@ -54,8 +58,13 @@ class Waiter:
 class Loop:
     """The daemon's loop body, one ``turn`` at a time.
 
+    A turn's own cost does not grow with the cameras: the pipes to wait on are
+    gathered again only when one opened or closed (``sources.pipe_changes``), and
+    only the cameras that sent a frame are looked at for the batch.
+
     Args:
-        sources: The cameras, by name (read at every turn: the caller may change it).
+        sources: The cameras, by name (the caller may change it: a camera added or
+            removed starts or stops its decoder, which the loop sees).
         scheduler: Picks the frames of each batch.
         max_wait: ``detect.max_wait_ms`` in seconds: how long a batch waits to fill.
         process: Runs one batch: the frames and the uploads riding along.
@@ -88,29 +97,59 @@ class Loop:
         self._last_chores = 0.0
         self._waiter = Waiter()
         self._fill_waiter = Waiter()
+        self._pipes_seen: tuple[int, int] | None = None
+        self._by_connection: dict[Any, Source] = {}
+        self._pipes: list[Any] = []  # the cameras' pipes (``_fill`` waits on these)
+        self._waitables: list[Any] = []  # and the upload queue's waker (``turn``)
+        # The cameras with a frame not taken yet, in the order they sent it (a set that keeps order).
+        self._ready: dict[Source, None] = {}
+
+    def _connections(self) -> dict[Any, Source]:
+        """Each running camera's pipe; gathered again only when a pipe opened or closed."""
+        seen = (pipe_changes(), len(self.sources))
+        if seen != self._pipes_seen:
+            self._pipes_seen = seen
+            self._by_connection = {s.connection: s for s in self.sources.values() if s.connection is not None}
+            self._pipes = list(self._by_connection)
+            wake = [self._requests.waker] if self._requests is not None else []
+            self._waitables = [*self._pipes, *wake]
+            running = set(self._by_connection.values())
+            self._ready = {s: None for s in self._ready if s in running}
+        return self._by_connection
+
+    def _read(self, ready: Sequence[Any], by_connection: Mapping[Any, Source]) -> None:
+        """Drain the cameras whose pipes are readable; note those with a new frame."""
+        for connection in ready:
+            source = by_connection.get(connection)  # not the upload queue's waker
+            if source is not None:
+                source.drain(readable=True)
+                if source.has_new_frame():
+                    self._ready[source] = None
+
+    def _pick(self, reserve: int) -> list[Frame]:
+        """The scheduler's batch from the cameras with a new frame; the others stay noted."""
+        candidates = [s for s in self._ready if s.has_new_frame()]
+        frames = self.scheduler.pick(candidates, reserve=reserve) if candidates else []
+        self._ready = {s: None for s in candidates if s.has_new_frame()}
+        return frames
 
     def turn(self) -> None:
         """Wait (at most ``LOOP_TICK``) for frames or uploads, then run what is ready."""
         requests = self._requests
-        sources = self.sources.values()
-        by_connection = {s.connection: s for s in sources if s.connection is not None}
-        waitables: list[Any] = list(by_connection)
+        by_connection = self._connections()
         pending = requests is not None and requests.pending()
         # Frames or uploads left over from a full batch go next, without waiting.
-        behind = pending or any(s.has_new_frame() for s in sources)
-        wake = [requests.waker] if requests is not None else []
-        for ready in self._waiter.wait([*waitables, *wake], timeout=0 if behind else LOOP_TICK):
-            if ready in by_connection:  # only the cameras that sent something
-                by_connection[ready].drain()
+        behind = pending or any(s.has_new_frame() for s in self._ready)
+        self._read(self._waiter.wait(self._waitables, timeout=0 if behind else LOOP_TICK), by_connection)
         now = time.monotonic()
         # Watchdogs, expiring tracks and systemd pings need not run at every frame's
         # wake-up (thousands a second with many cameras): LOOP_TICK is their pace.
         chores = now - self._last_chores >= LOOP_TICK
         if chores:
             self._last_chores = now
-            for source in sources:
+            for source in self.sources.values():
                 source.check(now)
-        frames = self.scheduler.pick(sources, reserve=1 if pending else 0)
+        frames = self._pick(reserve=1 if pending else 0)
         if frames and self.max_wait > 0:
             frames += self._fill(frames)
         uploads: list[Request] = []
@@ -128,10 +167,7 @@ class Loop:
         deadline = min(f.capture_time for f in frames) + self.max_wait
         while len(frames) + len(more) < self.scheduler.max_batch and (left := deadline - time.time()) > 0:
             # Afresh each time: a decoder that died meanwhile was restarted with a new pipe.
-            by_connection: dict[Any, Source] = {
-                s.connection: s for s in self.sources.values() if s.connection is not None
-            }
-            for ready in self._fill_waiter.wait(list(by_connection), timeout=left):
-                by_connection[ready].drain()
-            more += self.scheduler.pick(self.sources.values(), reserve=len(frames) + len(more))
+            by_connection = self._connections()
+            self._read(self._fill_waiter.wait(self._pipes, timeout=left), by_connection)
+            more += self._pick(reserve=len(frames) + len(more))
         return more

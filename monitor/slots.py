@@ -166,7 +166,8 @@ class SlotReader:
         self._context = context
         self._lease_slot: Any = None  # the slot held for ``_held`` (the child writes any other)
         self._held: Lease | None = None  # the newest frame taken, until its step releases it
-        self._placements: dict[tuple[int, int], Placement] = {}
+        # Views of each slot, by (slot, height, width): a frame size is one per camera, mostly.
+        self._views: dict[tuple[int, int, int], tuple[np.ndarray, Letterboxed | None]] = {}
 
     def handoff(self) -> Handoff:
         """What a new child gets; the block is made on first use (raises ``OSError`` when it cannot)."""
@@ -193,31 +194,38 @@ class SlotReader:
         if self.latest_seq.value > ready.seq + SLOTS - 3:
             self._lease_slot.value = -1
             return None
-        offset = ready.slot * self.slot_bytes
-        image = np.ndarray((ready.height, ready.width, 3), np.uint8, self.shm.buf, offset)
-        image.flags.writeable = False
-        self._held = Lease(image, self._letterbox(ready, offset))
+        key = (ready.slot, ready.height, ready.width)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = self._view(*key)
+        self._held = Lease(*views)
         return self._held
 
-    def _letterbox(self, ready: FrameReady, offset: int) -> Letterboxed | None:
-        """The view of the frame's letterbox, which the child wrote next to it."""
+    def _view(self, slot: int, height: int, width: int) -> tuple[np.ndarray, Letterboxed | None]:
+        """Read-only views of a slot's frame and of its letterbox, which the child wrote next to it.
+
+        Made once per slot and frame size, then kept: a frame taken reuses them.
+        """
+        assert self.shm is not None
+        offset = slot * self.slot_bytes
+        image = np.ndarray((height, width, 3), np.uint8, self.shm.buf, offset)
+        image.flags.writeable = False
         net = self.net
-        if net is None or self.shm is None:
-            return None
-        p = self._placements.get((ready.height, ready.width))
-        if p is None:
-            p = self._placements[(ready.height, ready.width)] = net.place(ready.height, ready.width)
+        if net is None:
+            return image, None
+        p = net.place(height, width)
         box = np.ndarray(
             (p.input_height, p.input_width, 3), np.uint8, self.shm.buf, offset + self.frame_bytes
         )
         box.flags.writeable = False
-        return Letterboxed(box, p, net)
+        return image, Letterboxed(box, p, net)
 
     def close(self) -> None:
         """Free the shared memory (a frame still in use keeps a copy). Idempotent."""
         if self._held is not None:
             self._held.detach()
             self._held = None
+        self._views.clear()
         if self.shm is not None:
             shm, self.shm = self.shm, None
             shm.unlink()

@@ -41,6 +41,7 @@ from monitor.decoder_av import record_main
 from monitor.frames import CameraState, CameraStatus, Frame
 from monitor.letterbox import NetInput
 from monitor.metrics import Metrics
+from monitor.pipe_reader import PipeReader
 from monitor.settings import CameraSettings
 from monitor.slots import FrameReady, Handoff, SlotReader
 from monitor.synthetic import SyntheticFeed, synthetic_main
@@ -62,6 +63,22 @@ KILL_GRACE = 1.0
 # with a short backoff from eating the CPU of the healthy ones.
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["monitor.decoder", "monitor.decoder_av", "cv2", "numpy"])
+
+_pipe_changes = 0
+
+
+def pipe_changes() -> int:
+    """A number that changes whenever any camera's pipe is opened or closed.
+
+    The loop waits on every camera's pipe thousands of times a second: it rebuilds
+    its set of pipes only when this number moved, not by asking each camera each time.
+    """
+    return _pipe_changes
+
+
+def _pipes_changed() -> None:
+    global _pipe_changes
+    _pipe_changes += 1
 
 
 def choose_decoder(camera: str, choice: str) -> Decoder:
@@ -127,6 +144,7 @@ class Source:
         self._conn: mpc.Connection | None = None
         self._poller: select.poll | None = None
         self._polled: mpc.Connection | None = None  # the pipe ``_poller`` watches
+        self._reader: PipeReader | None = None  # reads ``_conn``
         self._ready: FrameReady | None = None
         self._taken_seq = -1
         # The watchdog's clock: the last frame of the current decoder, or its start.
@@ -198,6 +216,8 @@ class Source:
         finally:
             writer.close()  # the child holds the only write end: EOF means it died
         self._conn = reader
+        self._reader = PipeReader(reader.fileno())
+        _pipes_changed()
         self._ready = None
         self._taken_seq = -1
         self._failure = None
@@ -236,7 +256,9 @@ class Source:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+            self._reader = None
             self._poller = self._polled = None
+            _pipes_changed()
         if proc is None:
             return
         if proc.is_alive():
@@ -260,45 +282,68 @@ class Source:
             self._poller.register(conn.fileno(), select.POLLIN)
         return bool(self._poller.poll(0))
 
-    def drain(self) -> None:
-        """Read every pending message from the decoder."""
-        conn = self._conn
-        while conn is not None and not conn.closed:
+    def drain(self, readable: bool = False) -> None:
+        """Read every pending message from the decoder (many a system call: ``PipeReader``).
+
+        Args:
+            readable: The caller's ``poll`` just found the pipe readable (no need to ask again).
+        """
+        more = True
+        while more:
+            conn, reader = self._conn, self._reader
+            if conn is None or reader is None or conn.closed:
+                return
             try:
-                if not self._pending(conn):
+                if not readable and not self._pending(conn):
                     return
-                message = conn.recv()
+                messages, more = reader.read()
             except (EOFError, OSError):
                 self._on_exit()
                 return
-            if isinstance(message, FrameReady):
-                self._ready = message
+            readable = False
+            frames = replaced = 0
+            for message in messages:
+                if type(message) is FrameReady:
+                    # A frame not taken yet is replaced by a newer one: dropped, counted now
+                    # (from the first frame taken on: before it, the loop had not started on this camera).
+                    waiting = self._ready
+                    replaced += waiting is not None and waiting.seq > self._taken_seq >= 0
+                    self._ready = message
+                    frames += 1
+                else:
+                    self._handle(message)
+            if frames:
+                if replaced:
+                    self._dropped.inc(replaced)
                 self._session_frames = True
-                self._frames.inc()
+                self._frames.inc(frames)
                 self._last_frame = self._last_received = time.monotonic()
                 if self.state is not CameraState.ONLINE:
                     self._set_state(CameraState.ONLINE, None)
-            elif isinstance(message, Opening):
-                self._started, self._opening = time.monotonic(), True
-            elif isinstance(message, Opened):
-                logger.info(
-                    "stream opened: %dx%d at %.1f fps, decoded on the %s",
-                    message.width,
-                    message.height,
-                    message.fps,
-                    "GPU (nvdec)" if message.decoder == "nvdec" else "CPU",
-                    extra={"camera": self.name},
-                )
-                if message.fallback and not self._fallback_logged:
-                    self._fallback_logged = True  # once per camera, not per reconnect
-                    log = logger.warning if self.settings.decoder == "nvdec" else logger.info
-                    log("%s: decoding on the CPU", message.fallback, extra={"camera": self.name})
-            elif isinstance(message, SegmentClosed | RecordingFailed):
-                if self._on_recording is not None:
-                    self._on_recording(self.name, message)
-            elif isinstance(message, Failed):
-                self._failure = message.reason
-                self._failure_state = CameraState.STALLED if message.stalled else CameraState.OFFLINE
+
+    def _handle(self, message: object) -> None:
+        """A message of the decoder's other than a frame."""
+        if isinstance(message, Opening):
+            self._started, self._opening = time.monotonic(), True
+        elif isinstance(message, Opened):
+            logger.info(
+                "stream opened: %dx%d at %.1f fps, decoded on the %s",
+                message.width,
+                message.height,
+                message.fps,
+                "GPU (nvdec)" if message.decoder == "nvdec" else "CPU",
+                extra={"camera": self.name},
+            )
+            if message.fallback and not self._fallback_logged:
+                self._fallback_logged = True  # once per camera, not per reconnect
+                log = logger.warning if self.settings.decoder == "nvdec" else logger.info
+                log("%s: decoding on the CPU", message.fallback, extra={"camera": self.name})
+        elif isinstance(message, SegmentClosed | RecordingFailed):
+            if self._on_recording is not None:
+                self._on_recording(self.name, message)
+        elif isinstance(message, Failed):
+            self._failure = message.reason
+            self._failure_state = CameraState.STALLED if message.stalled else CameraState.OFFLINE
 
     def has_new_frame(self) -> bool:
         """True when a frame the detector has not taken is waiting."""
@@ -324,14 +369,13 @@ class Source:
         if ready is None or ready.seq <= self._taken_seq or self._slots.shm is None:
             return None
         if not_before is not None and ready.capture_time < not_before:
-            self._dropped.inc(ready.seq - max(self._taken_seq, -1))  # it and the ones it replaced
+            # It, and the ones it replaced before the first frame taken (those after, ``drain`` counted).
+            self._dropped.inc(1 if self._taken_seq >= 0 else ready.seq + 1)
             self._taken_seq = ready.seq
             return None
         lease = self._slots.hold(ready)
         if lease is None:
             return None  # the child may have written the slot already; a newer frame is coming
-        if self._taken_seq >= 0:
-            self._dropped.inc(ready.seq - self._taken_seq - 1)
         self._taken_seq = ready.seq
         return Frame(self.name, ready.seq, ready.capture_time, lease)
 
