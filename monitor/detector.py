@@ -26,14 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import supervision as sv
 import torch
 import torch.nn.functional as F
 
+from monitor.detections import trusted
 from monitor.errors import DetectorError
-from monitor.letterbox import PAD_VALUE, Letterboxed, NetInput, Placement, place
+from monitor.letterbox import PAD_VALUE, BatchBuffer, Letterboxed, NetInput, Placement, place, put
 from monitor.runtime import choose_runtime, exported_model, model_task, resolve_device, sha256_of
 from monitor.settings import ModelSettings
 
@@ -125,6 +125,7 @@ class Detector:
                     f"set model.imgsz to {exported[0]} or export again with imgsz={settings.imgsz}"
                 )
         self._pinned: dict[tuple[int, ...], torch.Tensor] = {}
+        self._cpu_batch = BatchBuffer()
         self.max_batch = max_batch
         self.compiled = False
         if settings.compile:
@@ -310,20 +311,15 @@ class Detector:
             buffer = self._pinned[key] = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
         return buffer
 
-    @staticmethod
     def _preprocess_cpu(
-        images: list[np.ndarray], placements: list[Placement], height: int, width: int
+        self, images: list[np.ndarray], placements: list[Placement], height: int, width: int
     ) -> torch.Tensor:
         """On the CPU, cv2's uint8 resize into one padded batch: faster than torch, and Ultralytics' own."""
-        batch = np.full((len(images), height, width, 3), PAD_VALUE, dtype=np.uint8)
-        for i, (image, p) in enumerate(zip(images, placements, strict=True)):
-            target = batch[i, p.top : p.top + p.height, p.left : p.left + p.width]
-            if (p.height, p.width) == image.shape[:2]:
-                target[...] = image
-            else:
-                cv2.resize(image, (p.width, p.height), dst=target, interpolation=cv2.INTER_LINEAR)
+        batch = self._cpu_batch.take(len(images), height, width)
+        for row, image, p in zip(batch, images, placements, strict=True):
+            put(row, image, p)
         tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).flip(1)  # BGR -> RGB, NCHW
-        return tensor.float().div_(255).contiguous()
+        return tensor.float().div_(255).contiguous()  # a copy: the buffer is free for the next batch
 
     def _postprocess(
         self, raw: Any, placements: list[Placement], sizes: list[tuple[int, int]], conf: float
@@ -348,12 +344,6 @@ class Detector:
                 scale_boxes((0, 0), array[:, :4].copy(), (height, width), ratio_pad=(gains, (p.left, p.top)))
             )
             class_id = array[:, 5].astype(int)
-            results.append(
-                sv.Detections(
-                    xyxy=xyxy.astype(np.float32),
-                    confidence=array[:, 4].astype(np.float32),
-                    class_id=class_id,
-                    data={"class_name": np.array([self.names[c] for c in class_id], dtype=object)},
-                )
-            )
+            names = np.array([self.names[c] for c in class_id], dtype=object)
+            results.append(trusted(xyxy.astype(np.float32), array[:, 4].astype(np.float32), class_id, names))
         return results

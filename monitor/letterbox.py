@@ -98,6 +98,9 @@ def letterbox_into(image: np.ndarray, dest: np.ndarray, p: Placement) -> None:
     cv2's uint8 ``INTER_LINEAR`` resize into the middle, ``PAD_VALUE`` around it: the
     detector's own CPU preprocessing, and Ultralytics' ``LetterBox``.
     """
+    if image.shape == dest.shape:  # already the input's size (a letterbox made by a child)
+        np.copyto(dest, image)
+        return
     bottom, right = p.top + p.height, p.left + p.width
     dest[: p.top] = PAD_VALUE
     dest[bottom:] = PAD_VALUE
@@ -108,3 +111,42 @@ def letterbox_into(image: np.ndarray, dest: np.ndarray, p: Placement) -> None:
         target[...] = image
     else:
         cv2.resize(image, (p.width, p.height), dst=target, interpolation=cv2.INTER_LINEAR)
+
+
+def put(row: np.ndarray, image: np.ndarray, p: Placement) -> None:
+    """``image`` letterboxed into one row of a batch at ``p``, ``PAD_VALUE`` in the rest of the row.
+
+    The row may be larger than ``p``'s input (a batch of mixed shapes takes the largest).
+    """
+    if row.shape[:2] == (p.input_height, p.input_width):  # the usual case: one shape in the batch
+        letterbox_into(image, row, p)
+        return
+    letterbox_into(image, row[: p.input_height, : p.input_width], p)
+    row[p.input_height :] = PAD_VALUE
+    row[: p.input_height, p.input_width :] = PAD_VALUE
+
+
+class BatchBuffer:
+    """A uint8 batch of network inputs (NHWC), kept from batch to batch.
+
+    A fresh batch per call costs an allocation, its page faults and a pass filling
+    it, thousands of times a second with many cameras; this one is made once per
+    input shape (a few per deployment), and each image writes only its own row
+    (``put``).
+    """
+
+    #: Input shapes kept at most (mixed cameras give a few; beyond, the oldest goes).
+    SHAPES = 8
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple[int, int], np.ndarray] = {}
+
+    def take(self, rows: int, height: int, width: int) -> np.ndarray:
+        """``rows`` x ``height`` x ``width`` x 3, contiguous, its contents left from before."""
+        key = (height, width)
+        array = self._arrays.get(key)
+        if array is None or len(array) < rows:
+            if array is None and len(self._arrays) >= self.SHAPES:
+                del self._arrays[next(iter(self._arrays))]
+            array = self._arrays[key] = np.empty((rows, height, width, 3), np.uint8)
+        return array[:rows]

@@ -85,6 +85,26 @@ def test_batch_of_mixed_cameras_matches_predict(weights, detector, frames):
             assert (o.xyxy[:, [1, 3]] <= image.shape[0]).all()
 
 
+def test_every_batch_is_padded_afresh_nothing_of_an_earlier_batch_reaches_the_network(detector, frames):
+    # The uint8 batch is kept from batch to batch (no allocation per batch): each row must
+    # still be exactly its frame's letterbox and grey everywhere else, whatever came before.
+    big, small = cv2.resize(frames[1], (1280, 960)), cv2.resize(frames[0], (640, 360))
+    net = detector.net_input
+
+    def expected(images: list[np.ndarray]) -> np.ndarray:
+        boxes = _letterboxed(images, net)
+        height = max(b.image.shape[0] for b in boxes)
+        width = max(b.image.shape[1] for b in boxes)
+        batch = np.full((len(images), height, width, 3), 114, np.uint8)
+        for row, b in zip(batch, boxes, strict=True):
+            row[: b.image.shape[0], : b.image.shape[1]] = b.image
+        return batch[..., ::-1].transpose(0, 3, 1, 2) / 255
+
+    for images in ([big, big], [big, small], [small], [small, big], [big, small]):
+        tensor, _ = detector._preprocess(images)
+        assert np.allclose(tensor.numpy(), expected(images), atol=1e-6), [im.shape for im in images]
+
+
 def _letterboxed(images: list[np.ndarray], net: NetInput) -> list[Letterboxed]:
     """What the decoder children hand over beside each frame."""
     out = []

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import supervision as sv
 
+from monitor.detections import trusted
 from monitor.detector import BatchTimings, Detected, Detector
 from monitor.errors import SourceError
-from monitor.letterbox import PAD_VALUE, Letterboxed
+from monitor.letterbox import BatchBuffer, Letterboxed, Placement, put
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,20 @@ class ReplayedDetector:
             raise ValueError("recorded: need at least one frame of detections")
         self._recorded = list(recorded)
         self._cursor: dict[str | None, int] = {}
+        self._batch = BatchBuffer()
+        self._floors: dict[tuple[int, float | None], RecordedFrame] = {}
+
+    def _kept(self, at: int, conf: float | None) -> RecordedFrame:
+        """Recorded frame ``at``'s detections scoring ``conf`` or more (worked out once per floor)."""
+        kept = self._floors.get((at, conf))
+        if kept is None:
+            frame = self._recorded[at]
+            keep = frame.confidence >= conf if conf is not None else slice(None)
+            kept = RecordedFrame(
+                frame.boxes[keep], frame.confidence[keep], frame.class_id[keep], frame.class_name[keep]
+            )
+            self._floors[(at, conf)] = kept
+        return kept
 
     def detect_timed(
         self,
@@ -91,31 +106,30 @@ class ReplayedDetector:
     ) -> Detected:
         """Each image's next recorded detections (its camera's, by ``keys``), scaled to its size.
 
-        The frames' letterboxes are packed into one uint8 batch, as the detector's
-        preprocessing does before the network: only the network is left out.
+        The frames' letterboxes are packed into one uint8 batch kept from call to call,
+        as the detector's preprocessing does before the network (on CUDA, into its pinned
+        staging buffers): only the network is left out.
         """
         started = time.perf_counter()
-        boxes = [b.image for b in prepared or () if b is not None]
+        boxes = [b for b in prepared or () if b is not None]
         if boxes:
-            height, width = max(b.shape[0] for b in boxes), max(b.shape[1] for b in boxes)
-            batch = np.full((len(boxes), height, width, 3), PAD_VALUE, np.uint8)
+            height = max(b.placement.input_height for b in boxes)
+            width = max(b.placement.input_width for b in boxes)
+            batch = self._batch.take(len(boxes), height, width)
             for row, box in zip(batch, boxes, strict=True):
-                row[: box.shape[0], : box.shape[1]] = box
+                if box.image.shape == row.shape:  # the usual case: every box of the batch one shape
+                    np.copyto(row, box.image)
+                else:
+                    h, w = box.image.shape[:2]
+                    put(row, box.image, Placement(0, 0, w, h, w, h))
         packed = time.perf_counter()
         keys = keys if keys is not None else [None] * len(images)
         found = []
         for image, key in zip(images, keys, strict=True):
             at = self._cursor.get(key, 0)
             self._cursor[key] = (at + 1) % len(self._recorded)
-            frame = self._recorded[at]
+            frame = self._kept(at, conf)
             height, width = image.shape[:2]
-            keep = frame.confidence >= conf if conf is not None else slice(None)
-            found.append(
-                sv.Detections(
-                    xyxy=frame.boxes[keep] * np.array([width, height, width, height], dtype=np.float32),
-                    confidence=frame.confidence[keep],
-                    class_id=frame.class_id[keep],
-                    data={"class_name": frame.class_name[keep]},
-                )
-            )
+            scale = np.array([width, height, width, height], dtype=np.float32)
+            found.append(trusted(frame.boxes * scale, frame.confidence, frame.class_id, frame.class_name))
         return Detected(found, BatchTimings(packed - started, 0.0, time.perf_counter() - packed))
