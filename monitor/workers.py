@@ -18,19 +18,23 @@ comes back.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
+import pickle
+import select
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import supervision as sv
 
 from monitor.camera import CameraPipeline
+from monitor.detections import trusted
+from monitor.pipe_reader import PipeReader
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +62,10 @@ def pack(detections: sv.Detections) -> Packed:
 
 def unpack(packed: Packed, tracker_id: np.ndarray | None = None) -> sv.Detections:
     xyxy, confidence, class_id, names = packed
-    return sv.Detections(
-        xyxy=xyxy, confidence=confidence, class_id=class_id, tracker_id=tracker_id, data={"class_name": names}
-    )
+    return trusted(xyxy, confidence, class_id, names, tracker_id)
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
+class Job(NamedTuple):
     """One frame for a worker: its camera, detections, capture time and size."""
 
     camera: str
@@ -74,8 +75,7 @@ class Job:
     width: int
 
 
-@dataclass(frozen=True, slots=True)
-class Located:
+class Located(NamedTuple):
     """A worker's answer for one frame: the tracked detections, their zones, the seconds it took."""
 
     detections: Packed
@@ -84,45 +84,42 @@ class Located:
     seconds: float
 
 
-def _concat(frames: Sequence[Packed], ids: Sequence[np.ndarray] = ()) -> tuple[Any, ...]:
-    """Many frames' detections as one set of arrays and a count per frame: one message, pickled fast.
+#: Columns of the detections on the wire: x1, y1, x2, y2, confidence, class id, tracker id.
+_COLUMNS = 7
 
-    Pickling arrays costs per array (about 5 microseconds each), and object arrays of
-    names more: a frame at a time would cost the main process more than tracking it.
+
+def _concat(frames: Sequence[Packed], ids: Sequence[np.ndarray] = ()) -> tuple[list[int], bytes, list[str]]:
+    """Many frames' detections as one table of bytes, a count per frame, and the names: one message.
+
+    Pickling costs per array (about 5 microseconds each under load) and bytes next to
+    nothing, so a batch's boxes, confidences, class ids and tracker ids go as one float64
+    table (exact for float32 boxes and integer ids below 2**53), and the names as a list.
     """
     counts = [len(f[0]) for f in frames]
-    if not frames:
-        return (
-            counts,
-            np.zeros((0, 4), np.float32),
-            np.zeros(0, np.float32),
-            np.zeros(0, int),
-            [],
-            np.zeros(0, int),
-        )
-    xyxy = np.concatenate([f[0] for f in frames])
-    confidence = np.concatenate([f[1] for f in frames])
-    class_id = np.concatenate([f[2] for f in frames])
+    table = np.empty((sum(counts), _COLUMNS), np.float64)
+    if len(table):
+        table[:, :4] = np.concatenate([f[0] for f in frames])
+        table[:, 4] = np.concatenate([f[1] for f in frames])
+        table[:, 5] = np.concatenate([f[2] for f in frames])
+        table[:, 6] = np.concatenate(list(ids)) if ids else -1
     names = [str(n) for f in frames for n in f[3]]
-    tracker_id = np.concatenate(list(ids)) if ids else np.zeros(0, int)
-    return counts, xyxy, confidence, class_id, names, tracker_id
+    return counts, table.tobytes(), names
 
 
-def _split(
-    counts: list[int], xyxy: Any, confidence: Any, class_id: Any, names: list[str], tracker_id: Any
-) -> list[tuple[Packed, np.ndarray]]:
-    """``_concat`` undone: each frame's arrays (and tracker ids, when they were sent)."""
+def _split(counts: list[int], table: bytes, names: list[str]) -> list[tuple[Packed, np.ndarray]]:
+    """``_concat`` undone: each frame's arrays and tracker ids (-1 where none were sent)."""
+    rows = np.frombuffer(table, np.float64).reshape(-1, _COLUMNS)
+    xyxy = rows[:, :4].astype(np.float32)
+    confidence = rows[:, 4].astype(np.float32)
+    class_id = rows[:, 5].astype(np.int64)
+    tracker_id = rows[:, 6].astype(np.int64)
+    name_array = np.array(names, dtype=object)
     out = []
     start = 0
     for count in counts:
         end = start + count
-        packed = (
-            xyxy[start:end],
-            confidence[start:end],
-            class_id[start:end],
-            np.array(names[start:end], dtype=object),
-        )
-        out.append((packed, tracker_id[start:end] if len(tracker_id) else np.zeros(0, int)))
+        packed = (xyxy[start:end], confidence[start:end], class_id[start:end], name_array[start:end])
+        out.append((packed, tracker_id[start:end]))
         start = end
     return out
 
@@ -167,7 +164,7 @@ def worker_main(conn: mpc.Connection, index: int = 0) -> None:
         for (camera, capture_time, height, width), (packed, _) in zip(heads, _split(*arrays), strict=True):
             started = time.perf_counter()
             tracked, zones = cameras[camera].locate(unpack(packed), capture_time, height, width)
-            ids = tracked.tracker_id if tracked.tracker_id is not None else np.zeros(0, int)
+            ids = tracked.tracker_id if tracked.tracker_id is not None else np.full(len(tracked), -1)
             answers.append(Located(pack(tracked), ids, zones, time.perf_counter() - started))
         conn.send(_answers_to_wire(answers))
     os._exit(0)
@@ -182,6 +179,9 @@ class _Worker:
         self.cameras: dict[str, CameraPipeline] = {}  # name -> the main side's pipeline it copies
         self.proc: Any = None
         self.conn: mpc.Connection | None = None
+        self._poll: select.poll | None = None  # on ``conn``: ``Connection.poll`` builds a selector a call
+        self._reader: PipeReader | None = None  # the answers, one read each (``Connection.recv``: two)
+        self._answers: list[Any] = []
 
     def start(self) -> None:
         parent, child = _CTX.Pipe()
@@ -192,19 +192,41 @@ class _Worker:
         self.proc.start()
         child.close()
         self.conn = parent
+        self._poll = select.poll()
+        self._poll.register(parent.fileno(), select.POLLIN)
         self.generation += 1
         try:  # its imports done, it answers at once from then on
             if not parent.poll(START_TIMEOUT) or parent.recv() != "ready":
                 raise OSError("did not start")
             for pipeline in self.cameras.values():
                 parent.send(("add", pipeline.spec))
+            self._reader, self._answers = PipeReader(parent.fileno()), []
         except (EOFError, OSError) as exc:
             logger.error("tracking worker %d: %s", self.index, exc)  # the next batch restarts it
+
+    def answer(self, timeout: float) -> Any:
+        """The worker's next message, or None when none came within ``timeout`` seconds.
+
+        Raises:
+            EOFError: The worker's end closed (it died).
+            OSError: Reading failed.
+        """
+        poll, reader = self._poll, self._reader
+        if poll is None or reader is None:
+            raise EOFError
+        deadline = time.monotonic() + timeout
+        while not self._answers:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poll.poll(math.ceil(left * 1000)):
+                return None
+            self._answers += reader.read()[0]  # a large answer may come in several reads
+        return self._answers.pop(0)
 
     def stop(self) -> None:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+            self._poll = self._reader = None
         if self.proc is not None:
             self.proc.join(1.0)
             if self.proc.is_alive():
@@ -256,7 +278,8 @@ class TrackingWorkers:
     def _send(self, worker: _Worker, message: object) -> bool:
         try:
             assert worker.conn is not None
-            worker.conn.send(message)
+            # Plain pickle: multiprocessing's own copies its table of reducers at every call.
+            worker.conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
         except (OSError, AssertionError):
             return False
         return True
@@ -300,10 +323,10 @@ class TrackingWorkers:
 
     def _receive(self, worker: _Worker, on_restart: Callable[[list[str]], None]) -> list[Located] | None:
         """The worker's answer, or None after restarting a worker that died or hung."""
-        conn = worker.conn
         try:
-            if conn is not None and conn.poll(ANSWER_TIMEOUT):
-                return _answers_from_wire(conn.recv())
+            answer = worker.answer(ANSWER_TIMEOUT)
+            if answer is not None:
+                return _answers_from_wire(answer)
             reason = f"no answer in {ANSWER_TIMEOUT:g} s"
         except (EOFError, OSError):
             code = worker.proc.exitcode if worker.proc is not None else None
