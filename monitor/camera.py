@@ -101,7 +101,7 @@ class CameraPipeline:
         """``track``'s result from ``locate``'s (run here or by a worker): the detections to crop."""
         start = time.perf_counter()
         if tracked.tracker_id is not None:
-            self.track_ids.update(int(i) for i in tracked.tracker_id)
+            self.track_ids.update(tracked.tracker_id.tolist())
         wanted = self.rules.wanted(tracked, frame.capture_time)
         return Tracked(frame, tracked, zones, wanted, seconds + time.perf_counter() - start)
 

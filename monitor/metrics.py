@@ -24,6 +24,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._stages: dict[str, Histogram] = {}
+        self._processed: dict[str, Counter] = {}
         Info("monitor_build", "Version of the daemon.", registry=r).info({"version": __version__})
         self.alert_latency = Histogram(
             "monitor_alert_latency_seconds",
@@ -186,6 +188,20 @@ class Metrics:
             self.reviews,
         )
 
+    def stage(self, name: str) -> Histogram:
+        """``stage_duration``'s series of one stage (kept: ``labels`` costs a lookup and a lock a call)."""
+        child = self._stages.get(name)
+        if child is None:
+            child = self._stages[name] = self.stage_duration.labels(name)
+        return child
+
+    def processed(self, camera: str) -> Counter:
+        """``frames_processed``'s series of one camera (kept until ``remove_camera``)."""
+        child = self._processed.get(camera)
+        if child is None:
+            child = self._processed[camera] = self.frames_processed.labels(camera)
+        return child
+
     def add_camera(self, camera: str) -> None:
         """Create the camera's series at zero so dashboards see it before its first frame."""
         for family in (
@@ -205,3 +221,4 @@ class Metrics:
         """Drop every series of a camera (after it was removed from the configuration)."""
         for family in self._per_camera:
             family.remove_by_labels({"camera": camera})
+        self._processed.pop(camera, None)

@@ -147,19 +147,20 @@ class PipelineStep:
         prepared = [f.net for f in frames] + [None] * len(pictures)
         detected = self.detector.detect_timed(images, conf=floor, keys=keys, prepared=prepared)
         done = time.time()
-        stage = self.metrics.stage_duration
+        stage = self.metrics.stage
         batch_stages = detected.timings.stages()
         for name, seconds in batch_stages.items():
-            stage.labels(name).observe(seconds)
+            stage(name).observe(seconds)
         self.metrics.batch_size.observe(len(images))
         if self.observer is not None:
             self.observer.batch(batch_stages, len(images))
         if on_pictures is not None:
             on_pictures(detected.detections[len(frames) :])
         found = detected.detections[: len(frames)]
+        latency = self.metrics.detect_latency
         for frame in frames:
-            self.metrics.frames_processed.labels(frame.camera).inc()
-            self.metrics.detect_latency.observe(max(0.0, done - frame.capture_time))
+            self.metrics.processed(frame.camera).inc()
+            latency.observe(max(0.0, done - frame.capture_time))
         tracked = self._track(frames, [at_least(f, self.floor) for f in found])
         classes = self._classify(tracked)
         for item, named in zip(tracked, classes, strict=True):
@@ -171,7 +172,7 @@ class PipelineStep:
                 self.on_alerts(alerts)
                 steps["publish"] = time.perf_counter() - started
             for name, seconds in steps.items():
-                stage.labels(name).observe(seconds)
+                stage(name).observe(seconds)
             if self.observer is not None:
                 self.observer.frame(frame, done, steps, alerts)
 
@@ -228,7 +229,7 @@ class PipelineStep:
             named[n][i] = result
             self.metrics.classifier_crops.labels(tracked[n].frame.camera).inc()
         seconds = time.perf_counter() - started
-        self.metrics.stage_duration.labels("classify").observe(seconds)
+        self.metrics.stage("classify").observe(seconds)
         if self.observer is not None:
             self.observer.classified(seconds, len(crops))
         return named
