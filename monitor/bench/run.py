@@ -296,6 +296,10 @@ def _run_window(
     while time.monotonic() < warm_until:
         loop.step()
 
+    # Frame messages that piled up in the pipes during the warm-up (the workers' slow first
+    # batches, a busy machine) were offered before the window: read them before it starts.
+    for source in sources:
+        source.drain()
     start_counts = _snapshot(metrics, names)
     cpu_start = process_tree_cpu()
     recorder.on = True
