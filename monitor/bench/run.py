@@ -296,12 +296,13 @@ def _run_window(
     while time.monotonic() < warm_until:
         loop.step()
 
-    # Frame messages that piled up in the pipes during the warm-up (the workers' slow first
-    # batches, a busy machine) were offered before the window: read them before it starts.
+    # The processes' CPU first: psutil walks every process, which on a busy machine takes
+    # long enough for frame messages to pile up in the pipes. Those, and any left from the
+    # warm-up, were offered before the window: they are read before it starts.
+    cpu_start = process_tree_cpu()
     for source in sources:
         source.drain()
     start_counts = _snapshot(metrics, names)
-    cpu_start = process_tree_cpu()
     recorder.on = True
     started = time.monotonic()
     ends = started + options.duration
@@ -325,8 +326,9 @@ def _run_window(
                 bar.set_postfix(fps=f"{processed / max(now - started, 1e-9):.1f}")
     seconds = time.monotonic() - started
     recorder.on = False
+    end_counts = _snapshot(metrics, names)
     cpu = cpu_usage(cpu_start, process_tree_cpu(), seconds, workers.pids() if workers is not None else ())
-    return _Window(seconds, start_counts, _snapshot(metrics, names)), cpu
+    return _Window(seconds, start_counts, end_counts), cpu
 
 
 def _per_frame(cpu: CpuUsage, seconds: float, processed: int) -> CpuUsage:
