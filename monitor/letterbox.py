@@ -129,8 +129,8 @@ def put(row: np.ndarray, image: np.ndarray, p: Placement) -> None:
 class BatchBuffer:
     """A uint8 batch of network inputs (NHWC), kept from batch to batch.
 
-    A fresh batch per call costs an allocation, its page faults and a pass filling
-    it, thousands of times a second with many cameras; this one is made once per
+    A fresh batch per call costs an allocation and a pass filling it, thousands
+    of times a second with many cameras; this one is made once per
     input shape (a few per deployment), and each image writes only its own row
     (``put``).
     """
