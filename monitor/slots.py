@@ -103,7 +103,8 @@ class Slots:
         self._placements: dict[tuple[int, int], Placement] = {}
         self.seq = 0
 
-    def _free_slot(self) -> int:
+    def free_slot(self) -> int:
+        """The slot the next ``publish`` writes: neither the newest frame's nor the one the parent holds."""
         held = self._handoff.lease.value
         free = [s for s in range(SLOTS) if s not in (self._newest, held)]
         return min(free, key=self._written.__getitem__)
@@ -118,7 +119,7 @@ class Slots:
         """
         seq = self.seq
         out_h, out_w = image.shape[:2]
-        slot = self._free_slot()
+        slot = self.free_slot()
         if key is None or self._holds[slot] != key:
             self._write(slot, image)
         self._holds[slot] = key

@@ -37,6 +37,10 @@ class SyntheticFeed:
         phase: Seconds after the child's start of its first frame (spreads the streams' arrivals).
         seed: Seed of the random frames (``synthetic_frames``).
         count: Distinct frames it cycles through.
+        keep_slots: Each slot keeps one pre-made frame (frame ``slot % count``), so after the
+            first round nothing is written, whatever the parent holds: the bench's stand-ins
+            then cost next to nothing. Off, frame ``seq % count`` is written whenever its slot
+            holds another, as a decoder writes every frame (the hand-off tests).
     """
 
     width: int
@@ -44,6 +48,7 @@ class SyntheticFeed:
     phase: float = 0.0
     seed: int = 0
     count: int = POOL
+    keep_slots: bool = False
 
 
 def synthetic_frames(width: int, height: int, count: int = POOL, seed: int = 0) -> list[np.ndarray]:
@@ -81,9 +86,10 @@ def _feed_loop(feed: SyntheticFeed, fps: float, slots: Slots, conn: mpc.Connecti
         if delay > 0:
             time.sleep(delay)
         # What a decoder child does with each due frame once decoded (the slot, the letterbox),
-        # except that a slot already holding this pre-made frame is not written again: the
-        # stand-ins cost next to nothing, so the bench measures the main process, not them.
-        index = slots.seq % len(frames)
+        # except that a slot already holding this pre-made frame is not written again. Chosen by
+        # sequence number, a frame lands in a slot holding another each time the parent's hold
+        # shifts the slots' rotation, and is written then; chosen by slot, never after the first round.
+        index = (slots.free_slot() if feed.keep_slots else slots.seq) % len(frames)
         slots.publish(frames[index], key=index)
         # A child that fell behind (a busy machine) delivers at once, then keeps the clock.
         next_due = max(next_due + period, time.monotonic())

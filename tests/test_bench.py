@@ -6,6 +6,8 @@ Speed is never asserted here (see docs/benchmarks.md for measured numbers).
 from __future__ import annotations
 
 import json
+import multiprocessing.connection as mpc
+import time
 from pathlib import Path
 
 import cv2
@@ -180,6 +182,57 @@ def test_slow_camera_gets_its_frames_next_to_a_camera_ten_times_faster_under_ove
     assert fast["dropped"] > 0, "the test needs an overloaded detector"
     assert slow["delivered"] >= 10, slow
     assert slow["processed"] >= 0.8 * slow["delivered"], (slow, fast)
+
+
+def test_the_bench_stand_in_keeps_one_frame_per_slot_whatever_the_loop_holds():
+    # The bench's stand-ins choose a frame by slot, so each slot keeps its pre-made frame and
+    # none is written after the first round, even when the loop's holds shift which slot comes
+    # next. Chosen by sequence number, a frame would be written again after each such shift.
+    settings = CameraSettings(url="synthetic", detect={"width": 64, "height": 48})
+    expected = synthetic_frames(64, 48, seed=11)
+    feed = SyntheticFeed(64, 48, seed=11, keep_slots=True)
+    checked = shifted = 0
+    with Source("kept", settings, fps=200, metrics=Metrics(), feed=feed) as source:
+        deadline = time.monotonic() + 30
+        while checked < 40:
+            assert time.monotonic() < deadline, f"only {checked} frames taken"
+            if source.connection is not None:
+                mpc.wait([source.connection], timeout=0.1)
+            source.drain()
+            ready = source._ready
+            frame = source.take()
+            if frame is None or ready is None:
+                continue
+            assert frame.seq == ready.seq
+            assert np.array_equal(frame.image, expected[ready.slot % len(expected)])
+            shifted += not np.array_equal(frame.image, expected[frame.seq % len(expected)])
+            if checked % 3 == 0:  # a long hold: the child goes round and passes over this slot
+                newest, later = source._slots.latest_seq, frame.seq + 6
+                wait_until(lambda: newest.value >= later, 5, "the child going on", 0.005)  # noqa: B023
+            frame.release()
+            checked += 1
+    assert shifted > 0, "the holds never shifted the slots' rotation: the test proved nothing"
+
+
+def test_the_window_starts_once_a_pass_over_the_pipes_is_quick():
+    # After a stalled warm-up the first pass parses seconds of backlog; what the children send
+    # meanwhile was offered before the window, so the window starts after a quick pass.
+    from monitor.bench import run as bench_run
+
+    class Backlogged:
+        def __init__(self, slow_passes: int) -> None:
+            self.slow_passes, self.drained = slow_passes, []
+
+        def drain(self) -> None:
+            if self.slow_passes:
+                self.slow_passes -= 1
+                time.sleep(2 * bench_run.CATCH_UP_PASS)  # parsing a backlog (work, not a wait)
+            self.drained.append(time.monotonic())
+
+    sources = [Backlogged(2), Backlogged(0)]
+    started = bench_run._catch_up(sources)  # type: ignore[arg-type]
+    assert len(sources[0].drained) == len(sources[1].drained) == 3  # two slow passes, then a quick one
+    assert started >= max(t for s in sources for t in s.drained)
 
 
 def test_synthetic_stream_hands_frames_over_through_shared_memory_and_counts_replaced_ones():
