@@ -31,7 +31,7 @@ from monitor.dispatch import Dispatcher
 from monitor.errors import MonitorError
 from monitor.frames import CameraState, Frame
 from monitor.http_server import HttpServer
-from monitor.loop import Loop
+from monitor.loop import Loop, settled_heap
 from monitor.metrics import Metrics
 from monitor.notify import SystemdNotifier, Watchdog, watchdog_interval
 from monitor.pipeline import PipelineStep, at_least
@@ -196,7 +196,8 @@ class Daemon:
                 classifier=classifier,
                 workers=workers,
             )
-            self._loop(stop, detector, publisher, requests)
+            with settled_heap():
+                self._loop(stop, detector, publisher, requests)
 
     def _announce_stop(self) -> None:
         self._notifier.notify("STOPPING=1")
