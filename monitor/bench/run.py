@@ -302,75 +302,67 @@ def _run_window(
     replayed: ReplayedDetector | None = None,
     workers: TrackingWorkers | None = None,
 ) -> tuple[_Window, CpuUsage]:
-    """Wait for every stream's first frame, warm up, then measure for ``options.duration``."""
-    with settled_heap():  # as the daemon's loop runs
-        return _measure(
-            settings, options, sources, detector, metrics, recorder, classifier, replayed, workers
-        )
+    """Wait for every stream's first frame, warm up, then measure for ``options.duration``.
 
-
-def _measure(
-    settings: Settings,
-    options: BenchOptions,
-    sources: list[Source],
-    detector: Detector,
-    metrics: Metrics,
-    recorder: Recorder,
-    classifier: Classifier | None,
-    replayed: ReplayedDetector | None,
-    workers: TrackingWorkers | None,
-) -> tuple[_Window, CpuUsage]:
+    The loop runs with the startup objects frozen, as the daemon's does (``settled_heap``).
+    """
     from tqdm import tqdm
 
-    loop = BenchLoop(settings, sources, detector, metrics, recorder, classifier, replayed, workers)
-    names = [s.name for s in sources]
-    deadline = time.monotonic() + STREAM_START_TIMEOUT
-    # Asked of the sources, not of the registry: a slow loop here would let a backlog of
-    # frame messages pile up in the pipes and spill into the measured window.
-    while time.monotonic() < deadline:
-        if all(s.delivered for s in sources):
-            break
-        loop.step()
-    else:
-        silent = [s.name for s in sources if not s.delivered]
-        logger.warning(
-            "%d stream(s) delivered no frame in %.0f s: %s", len(silent), STREAM_START_TIMEOUT, silent
-        )
-    warm_until = time.monotonic() + options.warmup
-    while time.monotonic() < warm_until:
-        loop.step()
-
-    # The processes' CPU first: psutil walks every process, which on a busy machine takes
-    # long enough for frame messages to pile up in the pipes. Those, and any left from the
-    # warm-up, were offered before the window: they are read before it starts.
-    cpu_start = process_tree_cpu()
-    started = _catch_up(sources)
-    start_counts = _snapshot(metrics, names)  # the counters as the last pass left them
-    recorder.on = True
-    ends = started + options.duration
-    next_gpu = started
-    next_progress = started
-    disable = None if options.progress is None else not options.progress
-    with tqdm(
-        total=round(options.duration), unit="s", desc="bench", disable=disable, file=sys.stderr, leave=False
-    ) as bar:
-        while (now := time.monotonic()) < ends:
+    with settled_heap():
+        loop = BenchLoop(settings, sources, detector, metrics, recorder, classifier, replayed, workers)
+        names = [s.name for s in sources]
+        deadline = time.monotonic() + STREAM_START_TIMEOUT
+        # Asked of the sources, not of the registry: a slow loop here would let a backlog of
+        # frame messages pile up in the pipes and spill into the measured window.
+        while time.monotonic() < deadline:
+            if all(s.delivered for s in sources):
+                break
             loop.step()
-            if detector.device.type == "cuda" and recorder.gpu_error is None and now >= next_gpu:
-                next_gpu = now + GPU_SAMPLE_INTERVAL
-                sample_gpu(detector.device, recorder)
-            if now >= next_progress:
-                next_progress = now + PROGRESS_INTERVAL
-                # The recorder's own count: reading the registry collects every series, which
-                # with many cameras would cost the main process more than the frames do.
-                processed = len(recorder.to_detections)
-                bar.n = min(round(now - started), bar.total)
-                bar.set_postfix(fps=f"{processed / max(now - started, 1e-9):.1f}")
-    seconds = time.monotonic() - started
-    recorder.on = False
-    end_counts = _snapshot(metrics, names)
-    cpu = cpu_usage(cpu_start, process_tree_cpu(), seconds, workers.pids() if workers is not None else ())
-    return _Window(seconds, start_counts, end_counts), cpu
+        else:
+            silent = [s.name for s in sources if not s.delivered]
+            logger.warning(
+                "%d stream(s) delivered no frame in %.0f s: %s", len(silent), STREAM_START_TIMEOUT, silent
+            )
+        warm_until = time.monotonic() + options.warmup
+        while time.monotonic() < warm_until:
+            loop.step()
+
+        # The processes' CPU first: psutil walks every process, which on a busy machine takes
+        # long enough for frame messages to pile up in the pipes. Those, and any left from the
+        # warm-up, were offered before the window: they are read before it starts.
+        cpu_start = process_tree_cpu()
+        started = _catch_up(sources)
+        start_counts = _snapshot(metrics, names)  # the counters as the last pass left them
+        recorder.on = True
+        ends = started + options.duration
+        next_gpu = started
+        next_progress = started
+        disable = None if options.progress is None else not options.progress
+        with tqdm(
+            total=round(options.duration),
+            unit="s",
+            desc="bench",
+            disable=disable,
+            file=sys.stderr,
+            leave=False,
+        ) as bar:
+            while (now := time.monotonic()) < ends:
+                loop.step()
+                if detector.device.type == "cuda" and recorder.gpu_error is None and now >= next_gpu:
+                    next_gpu = now + GPU_SAMPLE_INTERVAL
+                    sample_gpu(detector.device, recorder)
+                if now >= next_progress:
+                    next_progress = now + PROGRESS_INTERVAL
+                    # The recorder's own count: reading the registry collects every series, which
+                    # with many cameras would cost the main process more than the frames do.
+                    processed = len(recorder.to_detections)
+                    bar.n = min(round(now - started), bar.total)
+                    bar.set_postfix(fps=f"{processed / max(now - started, 1e-9):.1f}")
+        seconds = time.monotonic() - started
+        recorder.on = False
+        end_counts = _snapshot(metrics, names)
+        cpu = cpu_usage(cpu_start, process_tree_cpu(), seconds, workers.pids() if workers is not None else ())
+        return _Window(seconds, start_counts, end_counts), cpu
 
 
 def _per_frame(cpu: CpuUsage, seconds: float, processed: int) -> CpuUsage:
