@@ -214,25 +214,35 @@ def test_the_bench_stand_in_keeps_one_frame_per_slot_whatever_the_loop_holds():
     assert shifted > 0, "the holds never shifted the slots' rotation: the test proved nothing"
 
 
-def test_the_window_starts_once_a_pass_over_the_pipes_is_quick():
+def test_the_window_starts_once_a_pass_over_the_pipes_is_quick(monkeypatch):
     # After a stalled warm-up the first pass parses seconds of backlog; what the children send
     # meanwhile was offered before the window, so the window starts after a quick pass.
     from monitor.bench import run as bench_run
+
+    class Clock:  # the bench's clock, moved on by the work the drains do
+        now = 100.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(bench_run, "time", clock)
 
     class Backlogged:
         def __init__(self, slow_passes: int) -> None:
             self.slow_passes, self.drained = slow_passes, []
 
         def drain(self) -> None:
-            if self.slow_passes:
+            if self.slow_passes:  # parsing a backlog
                 self.slow_passes -= 1
-                time.sleep(2 * bench_run.CATCH_UP_PASS)  # parsing a backlog (work, not a wait)
-            self.drained.append(time.monotonic())
+                clock.now += 2 * bench_run.CATCH_UP_PASS
+            clock.now += bench_run.CATCH_UP_PASS / 10
+            self.drained.append(clock.now)
 
     sources = [Backlogged(2), Backlogged(0)]
     started = bench_run._catch_up(sources)  # type: ignore[arg-type]
     assert len(sources[0].drained) == len(sources[1].drained) == 3  # two slow passes, then a quick one
-    assert started >= max(t for s in sources for t in s.drained)
+    assert started == max(t for s in sources for t in s.drained)
 
 
 def test_synthetic_stream_hands_frames_over_through_shared_memory_and_counts_replaced_ones():
